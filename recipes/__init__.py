@@ -1,0 +1,1 @@
+"""YAML recipes shipped with tinyml (read with importlib.resources)."""

@@ -1,0 +1,46 @@
+"""Shared fixtures: the tiny default (briefly pretrained) and a small shapes data set, built once per session."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The tiny default built by the real builder with a few pretraining steps; returns its folder."""
+    from tinyml_cli.tiny import build_tiny
+    out = tmp_path_factory.mktemp("tiny")
+    build_tiny(out, llm_steps=3, vision_steps=3, n_scenes=300)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    from tinyml_cli.synth import synth_shapes
+    out = tmp_path_factory.mktemp("shapes")
+    synth_shapes(out, n=48, n_eval=6, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tiny, shapes):
+    """A RunConfig over the tiny default and the small shapes data (a fresh copy per call)."""
+    from tinyml_cli.config import load_config
+
+    def make(*sets):
+        return load_config(None, [f"model.llm={tiny / 'llm'}", f"model.vision={tiny / 'vision'}",
+                                  f"data.train={shapes / 'train.jsonl'}", f"data.eval={shapes / 'eval.jsonl'}",
+                                  "train.batch_size=4", "train.max_steps=3", "gen.max_new_tokens=3", *sets])
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_cfg):
+    from tinyml_cli.model import build_model
+    import torch
+    torch.manual_seed(0)
+    return build_model(tiny_cfg().model)

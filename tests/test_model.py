@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from tinyml_cli.data import Collator, Encoder, ImageLoader, load_examples
+from tinyml_cli.model import build_connector, build_model, load_model, load_vision
+
+
+@pytest.mark.parametrize("kind,tokens", [("linear", 16), ("mlp2x_gelu", 16), ("resampler", 8)])
+def test_connector_shapes(kind, tokens):
+    c = build_connector(kind, 64, 48, queries=8, layers=2)
+    out = c(torch.randn(2, 16, 64))
+    assert out.shape == (2, tokens, 48)
+    assert c.num_tokens(16) == tokens
+
+
+def test_resampler_is_independent_of_patch_count():
+    c = build_connector("resampler", 64, 48, queries=4, layers=1)
+    assert c(torch.randn(3, 100, 64)).shape == (3, 4, 48)
+
+
+def _batch(model, shapes, n=3, left=False, gen=False):
+    enc = Encoder(model.tokenizer, model.num_image_tokens, 256)
+    ex, _ = load_examples(shapes / "eval.jsonl", enc, for_generation=gen)
+    return Collator(model.tokenizer.pad_token_id, ImageLoader(model.image_processor), left_pad=left)(ex[:n]), ex[:n]
+
+
+def test_save_load_round_trip_identical_logits(tiny_model, shapes, tmp_path):
+    batch, _ = _batch(tiny_model, shapes)
+    tiny_model.eval()
+    with torch.no_grad():
+        ref = tiny_model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        loss = tiny_model(**batch)
+    tiny_model.save(tmp_path / "m")
+    for f in ["tinyml_model.json", "connector.safetensors", "llm/config.json", "llm/model.safetensors",
+              "llm/tokenizer.json", "vision/config.json", "vision/preprocessor_config.json"]:
+        assert (tmp_path / "m" / f).is_file(), f
+    back = load_model(tmp_path / "m").eval()
+    with torch.no_grad():
+        assert torch.equal(back(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]), ref)
+        assert torch.equal(back(**batch), loss)
+
+
+def test_image_changes_the_output(tiny_model, shapes):
+    batch, _ = _batch(tiny_model, shapes)
+    with torch.no_grad():
+        a = tiny_model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        b = tiny_model(batch["input_ids"], batch["attention_mask"], torch.zeros_like(batch["pixel_values"]))
+    assert not torch.allclose(a, b)
+
+
+def test_batched_generation_equals_one_by_one(tiny_model, shapes):
+    batch, ex = _batch(tiny_model, shapes, n=4, left=True, gen=True)
+    batch.pop("labels")
+    together = tiny_model.generate(**batch, max_new_tokens=4)
+    for i in range(4):
+        one, _ = _batch(tiny_model, shapes, n=4, left=True, gen=True)
+        single = Collator(tiny_model.tokenizer.pad_token_id, ImageLoader(tiny_model.image_processor), left_pad=True)([ex[i]])
+        single.pop("labels")
+        alone = tiny_model.generate(**single, max_new_tokens=4)[0]
+        row = together[i][: len(alone)]
+        assert torch.equal(row, alone), i
+
+
+def _save_clip_vision(path):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    m = CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, projection_dim=32))
+    m.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+
+
+def test_clip_vision_drops_cls_token(tiny_cfg, tmp_path):
+    _save_clip_vision(tmp_path / "clip")
+    cfg = tiny_cfg(f"model.vision={tmp_path / 'clip'}", "model.vision_feature_layer=-2")
+    model = build_model(cfg.model)
+    assert model.num_image_tokens == 16
+    feats = model.encode_images(torch.randn(2, 3, 32, 32))
+    assert feats.shape == (2, 16, model.spec["llm_dim"])
+
+
+def test_vision_from_full_siglip_checkpoint(tmp_path):
+    """Real SigLIP repos hold the text tower too: the vision tower loads from them with its weights."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+    full = SiglipModel(SiglipConfig(
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2),
+        text_config=dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)))
+    full.save_pretrained(tmp_path / "siglip")
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "siglip")
+    vision, proc = load_vision(str(tmp_path / "siglip"))
+    w = full.vision_model.embeddings.patch_embedding.weight
+    assert torch.equal(vision.embeddings.patch_embedding.weight, w)
+
+
+def test_missing_model_path_is_a_user_error(tiny_cfg):
+    from tinyml_cli import UserError
+    with pytest.raises(UserError, match="cannot load"):
+        build_model(tiny_cfg("model.llm=/nonexistent/llm").model)

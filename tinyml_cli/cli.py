@@ -1,0 +1,217 @@
+"""The `tinyml` command line: each command loads its config, calls the core, and prints the summary.
+
+Exit codes: 0 success, 2 user error (bad flag, recipe, data or path: one line, no traceback), 1 internal
+error (set TINYML_DEBUG=1 for the traceback). Heavy libraries are imported inside the commands so that
+`tinyml --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import UserError, __version__
+
+app = typer.Typer(help="Post-train small multimodal LLMs (LLaVA / TinyLLaVA style) on one consumer GPU or a CPU.",
+                  no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+data_app = typer.Typer(help="Make and inspect data sets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML recipe: a file, or the name of a shipped recipe (tiny_sft).")
+SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe key: --set train.max_steps=100 (repeatable).")
+JsonOpt = typer.Option(False, "--json", help="Print exactly one JSON object on stdout at the end (for scripts and CI).")
+
+
+def _config(config, sets, defaults=None):
+    from .config import load_config
+    return load_config(config, sets or [], defaults)
+
+
+def _prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """Never silently mix or overwrite runs: an existing run needs --resume or --overwrite."""
+    import shutil
+    if out.exists() and (out / "config.yaml").exists() and not resume:
+        if not overwrite:
+            raise UserError(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
+        shutil.rmtree(out)
+
+
+def _train_command(command: str, config, sets, output_dir, json_mode, resume, overwrite, defaults):
+    from . import ui
+    from .sft import run_sft
+    ui.quiet_libraries()
+    cfg = _config(config, sets, defaults)
+    out = Path(output_dir or f"runs/{command}")
+    _prepare_output(out, resume, overwrite)
+    con = ui.console(json_mode)
+    with ui.training_bar(con, command) as bar:
+        result = run_sft(cfg, out, command, resume=resume, progress=bar)
+    ui.emit(result, json_mode)
+
+
+@app.command("pretrain-align")
+def pretrain_align(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                   output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run folder (default runs/pretrain-align)."),
+                   json_mode: bool = JsonOpt,
+                   resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the output folder."),
+                   overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in the output folder.")):
+    """Stage 1: train only the connector on image captions (vision encoder and LLM frozen).
+
+    Example: tinyml pretrain-align -c tiny_align -o runs/align
+    """
+    _train_command("pretrain-align", config, set_, output_dir, json_mode, resume, overwrite,
+                   {"train.parts": ["connector"], "peft.method": "freeze"})
+
+
+@app.command()
+def sft(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+        output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run folder (default runs/sft)."),
+        json_mode: bool = JsonOpt,
+        resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the output folder."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in the output folder.")):
+    """Stage 2: supervised fine-tuning on conversations, loss on assistant tokens only (full, freeze or LoRA).
+
+    Example: tinyml sft -c tiny_sft -o runs/sft --set train.max_steps=500
+    """
+    _train_command("sft", config, set_, output_dir, json_mode, resume, overwrite,
+                   {"train.parts": ["connector", "llm"], "train.lr": 2e-5})
+
+
+@app.command("eval")
+def eval_(model_dir: Path = typer.Argument(..., help="A tinyml model folder (the output of a training command)."),
+          data: Optional[str] = typer.Option(None, "--data", "-d", help="Held-out data (default: data.eval of the recipe)."),
+          config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+          output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Where predictions.jsonl and eval_metrics.json go."),
+          json_mode: bool = JsonOpt):
+    """Exact-match VQA accuracy (overall and per question type) and POPE metrics for a saved model.
+
+    Example: tinyml eval runs/sft --data runs/shapes/eval.jsonl --json
+    """
+    from . import ui
+    from .evaluate import run_eval
+    ui.quiet_libraries()
+    cfg = _config(config, set_)
+    if data:
+        cfg.data.eval = data
+    with ui.count_bar(ui.console(json_mode), "eval") as bar:
+        result = run_eval(str(model_dir), cfg, output_dir, progress=bar)
+    ui.emit(result, json_mode)
+
+
+@app.command()
+def generate(model_dir: Path = typer.Argument(..., help="A tinyml model folder."),
+             prompt: str = typer.Option(..., "--prompt", "-p", help="The question or instruction."),
+             image: Optional[Path] = typer.Option(None, "--image", "-i", help="An image file."),
+             config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, json_mode: bool = JsonOpt):
+    """Answer a prompt about an image (greedy by default; --set gen.temperature=0.7 samples).
+
+    Example: tinyml generate runs/sft --image runs/shapes/images/003000.png --prompt "What color is the circle?"
+    """
+    from . import ui
+    from .evaluate import run_generate
+    ui.quiet_libraries()
+    result = run_generate(str(model_dir), str(image) if image else None, prompt, _config(config, set_))
+    if json_mode:
+        ui.emit(result, True)
+    else:
+        typer.echo(result["answer"])
+
+
+@app.command("build-tiny")
+def build_tiny(output_dir: Path = typer.Argument(Path("runs/tiny"), help="Where llm/ and vision/ are saved."),
+               seed: int = typer.Option(1234, help="Seed of the pretraining data and weights."),
+               llm_steps: int = typer.Option(200, help="Language-model pretraining steps of the LLM."),
+               vision_steps: int = typer.Option(200, help="Contrastive pretraining steps of the vision tower."),
+               scenes: int = typer.Option(4000, help="Synthetic scenes in the pretraining corpus."),
+               json_mode: bool = JsonOpt):
+    """Build the tiny default offline: a tokenizer, a Llama LLM and a SigLIP tower, briefly pretrained.
+
+    Example: tinyml build-tiny runs/tiny
+    """
+    from . import ui
+    from .tiny import build_tiny as build
+    ui.quiet_libraries()
+    con = ui.console(json_mode)
+    with con.status("building the tiny default (tokenizer, LLM and vision pretraining)..."):
+        figures = build(output_dir, seed=seed, llm_steps=llm_steps, vision_steps=vision_steps, n_scenes=scenes)
+    ui.emit({"command": "build-tiny", "output_dir": str(output_dir), "metrics": figures,
+             "artifacts": {"llm": figures.pop("llm"), "vision": figures.pop("vision")}}, json_mode)
+
+
+@data_app.command("synth-shapes")
+def synth_shapes(output_dir: Path = typer.Argument(..., help="Folder for images/, captions.jsonl, train.jsonl, eval.jsonl."),
+                 n: int = typer.Option(3000, "--n", help="Training images."),
+                 n_eval: int = typer.Option(200, "--n-eval", help="Held-out images (5 questions each)."),
+                 seed: int = typer.Option(0, help="Random seed."), json_mode: bool = JsonOpt):
+    """Synthetic shapes: captions (alignment), multi-turn VQA (sft) and a held-out split with POPE questions.
+
+    Example: tinyml data synth-shapes runs/shapes --n 3000
+    """
+    from . import ui
+    from .synth import synth_shapes as synth
+    if n < 1 or n_eval < 1:
+        raise UserError("--n and --n-eval must be at least 1")
+    files = synth(output_dir, n=n, n_eval=n_eval, seed=seed)
+    images = files.pop("images")
+    ui.emit({"command": "data synth-shapes", "output_dir": str(output_dir), "metrics": {"images": images},
+             "artifacts": files}, json_mode)
+
+
+@app.command()
+def demo(output_dir: Path = typer.Option(Path("runs/demo"), "--output-dir", "-o", help="Folder for everything the demo makes."),
+         quick: bool = typer.Option(False, "--quick", help="Smoke test: a few steps of every stage (accuracy is meaningless)."),
+         json_mode: bool = JsonOpt):
+    """The whole pipeline on CPU in minutes: tiny default -> data -> pretrain-align -> sft -> eval.
+
+    Example: tinyml demo --json
+    """
+    from . import ui
+    from .demo import run_demo
+    ui.quiet_libraries()
+    result = run_demo(output_dir, ui.console(json_mode), quick=quick)
+    ui.emit(result, json_mode)
+
+
+def version_callback(value: bool):
+    if value:
+        typer.echo(f"tinyml {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                      help="Show the version and exit.")):
+    """tinyml: post-train small multimodal LLMs and ship them to 8-24 GB GPUs and CPUs."""
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as e:
+        print(f"error: training diverged: {e}; the last good checkpoint is kept", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the one place that turns any failure into an exit code
+        # Typer ships its own copy of click, so its usage errors are recognised by what they do.
+        if type(e).__name__ == "Exit":
+            sys.exit(getattr(e, "exit_code", 0))
+        if type(e).__name__ == "Abort":
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
+            e.show()
+            sys.exit(e.exit_code)
+        if os.environ.get("TINYML_DEBUG"):
+            raise
+        print(f"internal error: {type(e).__name__}: {e} (TINYML_DEBUG=1 shows the traceback)", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,214 @@
+"""Run configuration: typed sections, YAML recipes and dotted `--set section.key=value` overrides.
+
+Unknown keys and wrongly typed values are user errors that name the key (and the closest valid ones);
+the resolved config is saved as `config.yaml` beside every output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import UserError
+
+
+def _f(default, help: str):
+    """A dataclass field with its documentation where it is declared (shown by `tinyml recipes keys`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    llm: str = _f("", "causal LM: hub id or local folder (AutoModelForCausalLM)")
+    vision: str = _f("", "vision encoder: hub id or local folder (CLIP / SigLIP vision or full model)")
+    connector: str = _f("mlp2x_gelu", "linear (VILA) | mlp2x_gelu (LLaVA-1.5) | resampler (Flamingo perceiver)")
+    init_from: str = _f("", "a tinyml run folder whose saved llm, vision and connector start this run")
+    vision_feature_layer: int = _f(-1, "hidden layer of the vision encoder fed to the connector (LLaVA: -2)")
+    resampler_queries: int = _f(16, "number of learned queries (image tokens) of the resampler")
+    resampler_layers: int = _f(2, "perceiver layers of the resampler")
+    dtype: str = _f("auto", "weights dtype: auto (bf16 on a bf16 GPU, else fp32) | fp32 | bf16 | fp16")
+    trust_remote_code: bool = _f(False, "allow model code from the hub (off: safer)")
+    attn_implementation: str = _f("sdpa", "eager | sdpa | flash_attention_2")
+
+
+@dataclass
+class DataConfig:
+    train: str = _f("", "training data: LLaVA-format JSON / JSONL (image paths relative to the file)")
+    eval: str = _f("", "held-out data for eval (same format; records may carry `type` and `answer`)")
+    max_length: int = _f(512, "maximum tokens per record, image tokens included")
+    system_prompt: str = _f("", "system message prepended to every conversation")
+    on_error: str = _f("fail", "fail | skip: what a bad record does")
+
+
+@dataclass
+class TrainConfig:
+    parts: list = _f(["connector"], "parts that train with peft.method=freeze: connector, llm, vision")
+    vision_freeze_first_n: int = _f(0, "with vision in parts: keep the first N vision layers frozen (TinyLLaVA share)")
+    max_steps: int = _f(0, "optimizer steps (0: run train.epochs)")
+    epochs: float = _f(1.0, "passes over the data when max_steps is 0")
+    batch_size: int = _f(8, "records per micro-batch (per device)")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    lr: float = _f(1e-3, "peak learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_ratio: float = _f(0.03, "fraction of steps of linear warmup")
+    scheduler: str = _f("cosine", "cosine | linear | constant")
+    max_grad_norm: float = _f(1.0, "gradient clipping (0: off)")
+    mixed_precision: str = _f("auto", "auto (bf16 where the GPU supports it) | no | bf16 | fp16")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    seed: int = _f(0, "seed for weights init, data order and dropout")
+    save_every: int = _f(0, "write a resumable checkpoint every N steps (0: only the final model)")
+    keep_last: int = _f(2, "checkpoints kept")
+    log_every: int = _f(10, "steps between metrics.jsonl lines")
+
+
+@dataclass
+class PeftConfig:
+    method: str = _f("freeze", "full (every weight) | freeze (train.parts) | lora")
+    r: int = _f(8, "LoRA rank")
+    alpha: int = _f(16, "LoRA alpha")
+    dropout: float = _f(0.05, "LoRA dropout")
+    target_modules: str = _f("all-linear", "LoRA targets: all-linear or comma-separated module names")
+
+
+@dataclass
+class GenConfig:
+    max_new_tokens: int = _f(16, "tokens generated per answer")
+    temperature: float = _f(0.0, "0: greedy; > 0: sampling")
+    top_p: float = _f(1.0, "nucleus sampling mass")
+    batch_size: int = _f(64, "prompts per generation batch")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    gen: GenConfig = field(default_factory=GenConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def all_keys() -> dict[str, str]:
+    """Every `section.key` with its help text."""
+    out = {}
+    for sec in dataclasses.fields(RunConfig):
+        for f in dataclasses.fields(sec.default_factory()):
+            out[f"{sec.name}.{f.name}"] = f.metadata.get("help", "")
+    return out
+
+
+def _coerce(key: str, value, current):
+    """Check a value against the type of the field's default; ints are accepted for floats."""
+    kind = type(current)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{key} must be true or false, got {value!r}")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float) and isinstance(value, str):  # YAML 1.1 reads "3e-3" as a string
+        try:
+            return kind(value)
+        except ValueError:
+            raise UserError(f"{key} must be {kind.__name__}, got {value!r}") from None
+    if kind is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise UserError(f"{key} must be a list, got {value!r}")
+        return [str(v) for v in value]
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UserError(f"{key} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _set(cfg: RunConfig, key: str, value) -> None:
+    keys = all_keys()
+    if key not in keys:
+        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+        hint = f" (did you mean {', '.join(close)}?)" if close else f" (valid sections: {', '.join(f.name for f in dataclasses.fields(RunConfig))})"
+        raise UserError(f"unknown config key '{key}'{hint}")
+    section, name = key.split(".", 1)
+    sec = getattr(cfg, section)
+    setattr(sec, name, _coerce(key, value, getattr(sec, name)))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        full = f"{prefix}{k}"
+        if isinstance(v, dict) and "." not in full:
+            out.update(_flatten(v, full + "."))
+        else:
+            out[full] = v
+    return out
+
+
+def recipe_path(path: str | Path) -> Path:
+    """A recipe file, or a recipe shipped with tinyml given by name (`tiny_sft`)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    from importlib.resources import files
+    shipped = files("tinyml_cli.recipes") / (p.name if p.suffix == ".yaml" else p.name + ".yaml")
+    return Path(str(shipped)) if shipped.is_file() else p
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = (),
+                defaults: dict | None = None) -> RunConfig:
+    """Defaults of the command, then the YAML recipe, then `--set key=value` overrides."""
+    cfg = RunConfig()
+    for k, v in (defaults or {}).items():
+        _set(cfg, k, v)
+    if path:
+        p = recipe_path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{p}: a recipe must be a mapping of sections")
+        for k, v in _flatten(data).items():
+            _set(cfg, k, v)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set takes section.key=value, got '{item}'")
+        k, raw = item.split("=", 1)
+        try:
+            v = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            v = raw
+        if v is None:
+            v = ""
+        _set(cfg, k.strip(), v)
+    return cfg
+
+
+def save_config(cfg: RunConfig, out_dir: str | Path, extra: dict | None = None) -> Path:
+    p = Path(out_dir) / "config.yaml"
+    data = cfg.to_dict()
+    if extra:
+        data.update(extra)
+    p.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return p
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """Rebuild a RunConfig from a saved config.yaml (sections other than the run's are ignored)."""
+    cfg = RunConfig()
+    for k, v in _flatten({s: data[s] for s in data if s in {f.name for f in dataclasses.fields(RunConfig)}}).items():
+        _set(cfg, k, v)
+    return cfg

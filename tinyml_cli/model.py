@@ -1,0 +1,308 @@
+"""The multimodal model: a HF vision encoder + a connector + a HF causal LM (LLaVA / TinyLLaVA layout).
+
+`<image>` in the text becomes `num_image_tokens` copies of the image token; their embeddings are replaced by
+the connector's outputs before the LLM runs. A model saves as one folder:
+
+    tinyml_model.json      composition (connector, feature layer, image token, ...)
+    llm/                   HF causal LM + tokenizer (save_pretrained)
+    llm_adapter/           peft adapter, when the LLM was trained with one
+    vision/                HF vision encoder + image processor
+    connector.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import UserError
+
+IMAGE_TOKEN = "<image>"
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}<|system|>{{ m['content'] }}<|end|>"
+    "{% elif m['role'] == 'user' %}<|user|>{{ m['content'] }}<|end|>"
+    "{% else %}<|assistant|>{{ m['content'] }}<|end|>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+# ----------------------------------------------------------------------------------------------- connectors
+class MLPConnector(nn.Module):
+    """`linear` (VILA) is one projection; `mlp2x_gelu` (LLaVA-1.5, TinyLLaVA) is Linear-GELU-Linear."""
+
+    def __init__(self, vision_dim: int, llm_dim: int, depth: int):
+        super().__init__()
+        layers = [nn.Linear(vision_dim, llm_dim)]
+        for _ in range(depth - 1):
+            layers += [nn.GELU(), nn.Linear(llm_dim, llm_dim)]
+        self.proj = nn.Sequential(*layers)
+
+    def num_tokens(self, num_patches: int) -> int:
+        return num_patches
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class PerceiverLayer(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm_x, self.norm_q = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, latents, x):
+        q = self.norm_q(latents)
+        # Flamingo: the latents attend to the image features and to themselves (keys = [x; latents]).
+        kv = torch.cat([self.norm_x(x), q], dim=1)
+        latents = latents + self.attn(q, kv, kv, need_weights=False)[0]
+        return latents + self.ff(latents)
+
+
+class ResamplerConnector(nn.Module):
+    """Perceiver resampler (Flamingo): a fixed number of learned queries, whatever the number of patches."""
+
+    def __init__(self, vision_dim: int, llm_dim: int, num_queries: int, layers: int):
+        super().__init__()
+        heads = max(1, vision_dim // 64) if vision_dim % 64 == 0 else 1
+        self.latents = nn.Parameter(torch.randn(num_queries, vision_dim) * 0.02)
+        self.layers = nn.ModuleList(PerceiverLayer(vision_dim, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(vision_dim)
+        self.proj = nn.Linear(vision_dim, llm_dim)
+
+    def num_tokens(self, num_patches: int) -> int:
+        return self.latents.shape[0]
+
+    def forward(self, x):
+        lat = self.latents.unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)
+        for layer in self.layers:
+            lat = layer(lat, x)
+        return self.proj(self.norm(lat))
+
+
+def build_connector(kind: str, vision_dim: int, llm_dim: int, queries: int = 16, layers: int = 2) -> nn.Module:
+    if kind == "linear":
+        return MLPConnector(vision_dim, llm_dim, 1)
+    if kind == "mlp2x_gelu":
+        return MLPConnector(vision_dim, llm_dim, 2)
+    if kind == "resampler":
+        return ResamplerConnector(vision_dim, llm_dim, queries, layers)
+    raise UserError(f"unknown connector '{kind}' (choose linear, mlp2x_gelu or resampler)")
+
+
+# ------------------------------------------------------------------------------------------ loading parts
+def _hf_load(fn, ident: str, what: str, **kw):
+    """from_pretrained with a one-line user error for a missing folder or an id that can't be reached."""
+    try:
+        return fn(ident, **kw)
+    except (OSError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load {what} '{ident}': {msg}") from None
+
+
+def load_vision(ident: str, trust_remote_code: bool = False, dtype=None):
+    """A CLIP / SigLIP vision tower from a vision-only or a full (text+vision) checkpoint, plus its processor."""
+    from transformers import (AutoConfig, AutoImageProcessor, AutoModel, CLIPVisionModel,
+                              SiglipVisionModel)
+    if not ident:
+        raise UserError("model.vision is not set (a hub id or a local folder)")
+    cfg = _hf_load(AutoConfig.from_pretrained, ident, "vision encoder", trust_remote_code=trust_remote_code)
+    kind = cfg.model_type.replace("_vision_model", "")
+    cls = {"siglip": SiglipVisionModel, "clip": CLIPVisionModel}.get(kind, AutoModel)
+    model = _hf_load(cls.from_pretrained, ident, "vision encoder", dtype=dtype, trust_remote_code=trust_remote_code)
+    processor = _hf_load(AutoImageProcessor.from_pretrained, ident, "image processor")
+    return model, processor
+
+
+def load_llm(ident: str, trust_remote_code: bool = False, dtype=None, attn_implementation: str = "sdpa"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if not ident:
+        raise UserError("model.llm is not set (a hub id or a local folder)")
+    tok = _hf_load(AutoTokenizer.from_pretrained, ident, "tokenizer", trust_remote_code=trust_remote_code)
+    llm = _hf_load(AutoModelForCausalLM.from_pretrained, ident, "LLM", dtype=dtype,
+                   trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    prepare_tokenizer(tok, llm)
+    return llm, tok
+
+
+def prepare_tokenizer(tok, llm) -> None:
+    """Make sure the tokenizer has an image token, a pad token and a chat template; grow embeddings if needed."""
+    if IMAGE_TOKEN not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    if not tok.chat_template:
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    if llm is not None and len(tok) > llm.get_input_embeddings().weight.shape[0]:
+        llm.resize_token_embeddings(len(tok))
+
+
+def vision_geometry(vision) -> tuple[int, int]:
+    """(hidden size, patch tokens per image) of a ViT-style vision config."""
+    cfg = vision.config
+    return cfg.hidden_size, (cfg.image_size // cfg.patch_size) ** 2
+
+
+# ----------------------------------------------------------------------------------------------- the model
+class LMM(nn.Module):
+    def __init__(self, vision, connector, llm, tokenizer, image_processor, spec: dict):
+        super().__init__()
+        self.vision, self.connector, self.llm = vision, connector, llm
+        self.tokenizer, self.image_processor, self.spec = tokenizer, image_processor, spec
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.spec["num_image_tokens"]
+
+    @property
+    def device(self):
+        return next(self.llm.parameters()).device
+
+    def base_llm(self):
+        """The LLM under any peft wrapper."""
+        return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        vdtype = next(self.vision.parameters()).dtype
+        out = self.vision(pixel_values=pixel_values.to(vdtype), output_hidden_states=True)
+        feats = out.hidden_states[self.spec["vision_feature_layer"]]
+        if feats.shape[1] == self.spec["num_patches"] + 1:  # CLIP's CLS token carries no patch content
+            feats = feats[:, 1:]
+        return self.connector(feats.to(next(self.connector.parameters()).dtype))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        is_img = input_ids == self.image_token_id
+        emb_layer = self.llm.get_input_embeddings()
+        emb = emb_layer(input_ids.masked_fill(is_img, 0))
+        n_img = int(is_img.sum())
+        if n_img:
+            if pixel_values is None:
+                raise ValueError("image tokens in the batch but no pixel_values")
+            img = self.encode_images(pixel_values).to(emb.dtype)
+            if img.shape[0] * img.shape[1] != n_img:
+                raise ValueError(f"{n_img} image tokens for {img.shape[0]} images of {img.shape[1]} tokens")
+            emb = emb.masked_scatter(is_img.unsqueeze(-1), img.reshape(-1, img.shape[-1]))
+        return emb
+
+    def hidden_states(self, input_ids, attention_mask, pixel_values=None) -> torch.Tensor:
+        emb = self.embed(input_ids, pixel_values)
+        decoder = self.base_llm().get_decoder()
+        return decoder(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def logits_at(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_output_embeddings()(hidden)
+
+    def forward(self, input_ids, attention_mask, pixel_values=None, labels=None):
+        """Mean next-token loss over labelled positions; logits are computed only where a label is."""
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values)
+        if labels is None:
+            return self.logits_at(hidden)
+        h, y = hidden[:, :-1], labels[:, 1:]
+        keep = y != -100
+        if not keep.any():
+            raise ValueError("no labelled token in the batch")
+        # Only assistant tokens carry labels: projecting just those rows onto the vocabulary saves most of the
+        # logits memory and compute, and chunking bounds it for large vocabularies.
+        h, y = h[keep], y[keep]
+        total = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, y.shape[0], 2048):
+            logits = self.logits_at(h[i:i + 2048]).float()
+            total = total + F.cross_entropy(logits, y[i:i + 2048], reduction="sum")
+        return total / y.shape[0]
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens=16, temperature=0.0,
+                 top_p=1.0) -> torch.Tensor:
+        """New tokens for left-padded prompts (HF generate over our input embeddings)."""
+        emb = self.embed(input_ids, pixel_values)
+        tok = self.tokenizer
+        kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                  eos_token_id=tok.eos_token_id)
+        if temperature > 0:
+            kw.update(temperature=temperature, top_p=top_p)
+        else:  # greedy: drop sampling defaults a checkpoint's generation_config may carry
+            kw.update(temperature=None, top_p=None, top_k=None)
+        return self.llm.generate(inputs_embeds=emb, attention_mask=attention_mask, **kw)
+
+    # ------------------------------------------------------------------------------------------ save/load
+    def save(self, out: str | Path) -> None:
+        from safetensors.torch import save_file
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if hasattr(self.llm, "peft_config"):
+            self.llm.save_pretrained(out / "llm_adapter")
+            self.llm.get_base_model().save_pretrained(out / "llm")
+        else:
+            self.llm.save_pretrained(out / "llm")
+        self.tokenizer.save_pretrained(out / "llm")
+        self.vision.save_pretrained(out / "vision")
+        self.image_processor.save_pretrained(out / "vision")
+        state = {k: v.detach().contiguous() for k, v in self.connector.state_dict().items()}
+        save_file(state, str(out / "connector.safetensors"))
+        (out / "tinyml_model.json").write_text(json.dumps(self.spec, indent=2))
+
+
+def build_model(mcfg, dtype=None) -> LMM:
+    """Compose the model a recipe describes: from `model.init_from` (a tinyml folder) or from its parts."""
+    if mcfg.init_from:
+        return load_model(mcfg.init_from, dtype=dtype, trust_remote_code=mcfg.trust_remote_code)
+    vision, processor = load_vision(mcfg.vision, mcfg.trust_remote_code, dtype)
+    llm, tok = load_llm(mcfg.llm, mcfg.trust_remote_code, dtype, mcfg.attn_implementation)
+    vdim, patches = vision_geometry(vision)
+    ldim = llm.get_input_embeddings().weight.shape[1]
+    connector = build_connector(mcfg.connector, vdim, ldim, mcfg.resampler_queries, mcfg.resampler_layers)
+    if dtype is not None:
+        connector.to(dtype)
+    spec = {"format": "tinyml-lmm/1", "connector": mcfg.connector, "vision_dim": vdim, "llm_dim": ldim,
+            "num_patches": patches, "num_image_tokens": connector.num_tokens(patches),
+            "vision_feature_layer": mcfg.vision_feature_layer, "resampler_queries": mcfg.resampler_queries,
+            "resampler_layers": mcfg.resampler_layers, "llm_source": mcfg.llm, "vision_source": mcfg.vision}
+    return LMM(vision, connector, llm, tok, processor, spec)
+
+
+def is_model_dir(path: str | Path) -> bool:
+    return (Path(path) / "tinyml_model.json").is_file()
+
+
+def load_model(path: str | Path, dtype=None, trust_remote_code: bool = False, adapter: bool = True) -> LMM:
+    """Load a saved tinyml model folder; the same `from_pretrained` calls as for hub parts."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    if not is_model_dir(path):
+        raise UserError(f"not a tinyml model folder (no tinyml_model.json): {path}")
+    spec = json.loads((path / "tinyml_model.json").read_text())
+    vision, processor = load_vision(str(path / "vision"), trust_remote_code, dtype)
+    llm, tok = load_llm(str(path / "llm"), trust_remote_code, dtype)
+    if adapter and (path / "llm_adapter").is_dir():
+        from peft import PeftModel
+        llm = PeftModel.from_pretrained(llm, str(path / "llm_adapter"), is_trainable=False)
+    connector = build_connector(spec["connector"], spec["vision_dim"], spec["llm_dim"],
+                                spec.get("resampler_queries", 16), spec.get("resampler_layers", 2))
+    connector.load_state_dict(load_file(str(path / "connector.safetensors")))
+    if dtype is not None:
+        connector.to(dtype)
+    return LMM(vision, connector, llm, tok, processor, spec)
+
+
+def count_params(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in module.parameters())
+    return sum(p.numel() for p in module.parameters() if p.requires_grad), total
+
+
+def resolve_dtype(name: str):
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    except KeyError:
+        raise UserError(f"model.dtype must be auto, fp32, bf16 or fp16, got '{name}'") from None
+
+

@@ -1,0 +1,155 @@
+"""Synthetic shapes data: small PNG scenes of 1-3 coloured shapes, with LLaVA-format records.
+
+Every scene puts its objects in distinct cells of a 2x2 grid, with distinct colours and distinct shapes,
+so that every question below has exactly one right answer:
+  colour    "What color is the circle?"                      -> "red"
+  shape     "What shape is the red object?"                  -> "circle"
+  count     "How many objects are there?"                    -> "two"
+  existence "Is there a red circle in the image?"            -> "yes" / "no" (POPE-style, half absent)
+  position  "Is the red circle on the left or the right?"    -> "left" / "right"
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 100, 240),
+          "yellow": (235, 215, 40), "purple": (170, 70, 220)}
+SHAPES = ["circle", "square", "triangle", "cross"]
+CELLS = {(0, 0): "top left", (1, 0): "top right", (0, 1): "bottom left", (1, 1): "bottom right"}
+NUMBERS = {1: "one", 2: "two", 3: "three"}
+QUESTION_TYPES = ["color", "shape", "count", "existence", "position"]
+IMAGE_SIZE = 32
+
+
+@dataclass
+class Obj:
+    color: str
+    shape: str
+    cell: tuple[int, int]
+
+    @property
+    def name(self) -> str:
+        return f"{self.color} {self.shape}"
+
+    @property
+    def side(self) -> str:
+        return "left" if self.cell[0] == 0 else "right"
+
+
+def random_scene(rng: random.Random) -> list[Obj]:
+    n = rng.randint(1, 3)
+    colors = rng.sample(list(COLORS), n)
+    shapes = rng.sample(SHAPES, n)
+    cells = rng.sample(list(CELLS), n)
+    return [Obj(c, s, cell) for c, s, cell in zip(colors, shapes, cells)]
+
+
+def draw_scene(objs: list[Obj], rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
+    bg = tuple(rng.randint(15, 60) for _ in range(3))
+    img = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(img)
+    half = size // 2
+    for o in objs:
+        r = rng.uniform(0.30, 0.42) * half  # radius of the shape inside its cell
+        cx = o.cell[0] * half + half / 2 + rng.uniform(-1.5, 1.5)
+        cy = o.cell[1] * half + half / 2 + rng.uniform(-1.5, 1.5)
+        col = tuple(min(255, max(0, v + rng.randint(-20, 20))) for v in COLORS[o.color])
+        box = [cx - r, cy - r, cx + r, cy + r]
+        if o.shape == "circle":
+            d.ellipse(box, fill=col)
+        elif o.shape == "square":
+            d.rectangle(box, fill=col)
+        elif o.shape == "triangle":
+            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=col)
+        else:  # cross
+            w = r / 2.6
+            d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=col)
+            d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=col)
+    return img
+
+
+def caption(objs: list[Obj]) -> str:
+    parts = [f"a {o.name} at the {CELLS[o.cell]}" for o in sorted(objs, key=lambda o: (o.cell[1], o.cell[0]))]
+    return ("There is " if len(parts) == 1 else f"There are {NUMBERS[len(parts)]} objects: ") + ", ".join(parts) + "."
+
+
+def absent_object(objs: list[Obj], rng: random.Random) -> tuple[str, str]:
+    """An object not in the scene; half the time a present shape in a wrong colour (adversarial POPE)."""
+    present = {(o.color, o.shape) for o in objs}
+    if rng.random() < 0.5:
+        o = rng.choice(objs)
+        choices = [(c, o.shape) for c in COLORS if (c, o.shape) not in present]
+    else:
+        choices = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+    return rng.choice(choices)
+
+
+def question(kind: str, objs: list[Obj], rng: random.Random) -> tuple[str, str]:
+    o = rng.choice(objs)
+    if kind == "color":
+        return f"What color is the {o.shape}?", o.color
+    if kind == "shape":
+        return f"What shape is the {o.color} object?", o.shape
+    if kind == "count":
+        return "How many objects are there?", NUMBERS[len(objs)]
+    if kind == "existence":
+        if rng.random() < 0.5:
+            return f"Is there a {o.name} in the image?", "yes"
+        c, s = absent_object(objs, rng)
+        return f"Is there a {c} {s} in the image?", "no"
+    if kind == "position":
+        return f"Is the {o.name} on the left or the right?", o.side
+    raise ValueError(kind)
+
+
+def _conv(turns: list[tuple[str, str]]) -> list[dict]:
+    conv = []
+    for i, (q, a) in enumerate(turns):
+        conv.append({"from": "human", "value": ("<image>\n" + q) if i == 0 else q})
+        conv.append({"from": "gpt", "value": a})
+    return conv
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def synth_shapes(out: str | Path, n: int = 4000, n_eval: int = 200, seed: int = 0) -> dict:
+    """Write images/, captions.jsonl (alignment), train.jsonl (multi-turn VQA) and eval.jsonl (held out).
+
+    eval.jsonl has one single-turn question of every type per held-out image, each with `type` and
+    `answer`; its existence questions are the POPE split (half about absent objects).
+    """
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    captions, train, evals = [], [], []
+    for i in range(n + n_eval):
+        objs = random_scene(rng)
+        name = f"images/{i:06d}.png"
+        draw_scene(objs, rng).save(out / name)
+        if i < n:
+            captions.append({"id": f"cap{i}", "image": name, "conversations": _conv(
+                [(rng.choice(["Describe the image.", "What is in the image?", "Describe this picture briefly."]),
+                  caption(objs))])})
+            kinds = rng.sample(QUESTION_TYPES, rng.randint(3, 5))
+            train.append({"id": f"vqa{i}", "image": name,
+                          "conversations": _conv([question(k, objs, rng) for k in kinds])})
+        else:
+            for k in QUESTION_TYPES:
+                q, a = question(k, objs, rng)
+                evals.append({"id": f"eval{i}-{k}", "image": name, "type": k, "answer": a,
+                              "conversations": _conv([(q, a)])})
+    write_jsonl(out / "captions.jsonl", captions)
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "eval.jsonl", evals)
+    return {"captions": str(out / "captions.jsonl"), "train": str(out / "train.jsonl"),
+            "eval": str(out / "eval.jsonl"), "images": n + n_eval}

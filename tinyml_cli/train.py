@@ -1,0 +1,185 @@
+"""One training loop for every objective, on accelerate: devices, mixed precision, multi-process, resume.
+
+An objective is a `step_fn(model, batch) -> (loss, n_tokens, metrics)`. Data order is a seeded permutation
+per epoch, so a run resumed from a checkpoint sees exactly the batches an uninterrupted run would.
+Checkpoints (trainable weights, optimizer, scheduler, RNG, step) are written to a temporary folder and
+renamed into place, so a half-written one is never taken as the latest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from . import UserError
+
+CKPT_DIR = "checkpoints"
+
+
+def mixed_precision(name: str) -> str:
+    if name == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if name not in ("no", "bf16", "fp16"):
+        raise UserError(f"train.mixed_precision must be auto, no, bf16 or fp16, got '{name}'")
+    return name
+
+
+def micro_batches(n_examples: int, batch_size: int, world: int, rank: int, seed: int):
+    """Endless (epoch, indices) per micro-batch: each global batch of batch_size*world is split by rank."""
+    epoch = 0
+    while True:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        perm = torch.randperm(n_examples, generator=g).tolist()
+        gb = batch_size * world
+        for i in range(0, n_examples - gb + 1 if n_examples >= gb else 1, gb):
+            chunk = perm[i:i + gb]
+            yield epoch, chunk[rank::world] or chunk[:batch_size]
+        epoch += 1
+
+
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def trainable_state(model) -> dict:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out_dir: Path, step: int, model, opt, sched, keep_last: int) -> Path:
+    from safetensors.torch import save_file
+    root = out_dir / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state()},
+                   tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write checkpoint at step {step} ({e.strerror or e}); "
+                        f"the previous checkpoint is intact") from None
+    for old in sorted(root.glob("step-*"))[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    done = [p for p in sorted((out_dir / CKPT_DIR).glob("step-*")) if (p / "meta.json").is_file()]
+    return done[-1] if done else None
+
+
+def load_checkpoint(ckpt: Path, model, opt, sched) -> int:
+    from safetensors.torch import load_file
+    state = load_file(str(ckpt / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, v in state.items():
+            params[n].copy_(v)
+    st = torch.load(ckpt / "state.pt", weights_only=True)
+    opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    _set_rng_state(st["rng"])
+    return json.loads((ckpt / "meta.json").read_text())["step"]
+
+
+def total_steps(tcfg, n_examples: int, world: int = 1) -> int:
+    if tcfg.max_steps > 0:
+        return tcfg.max_steps
+    per_step = tcfg.batch_size * tcfg.grad_accum * world
+    return max(1, math.ceil(tcfg.epochs * n_examples / per_step))
+
+
+def train(model, examples: list, collate, step_fn, tcfg, out_dir: Path, resume: bool = False,
+          progress=None, accelerator=None) -> dict:
+    """Run the optimizer loop; returns figures (losses, steps, tokens/s, seconds)."""
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    acc = accelerator or Accelerator(mixed_precision=mixed_precision(tcfg.mixed_precision))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("nothing to train: the recipe leaves every parameter frozen")
+    opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    steps = total_steps(tcfg, len(examples), acc.num_processes)
+    if tcfg.scheduler not in ("cosine", "linear", "constant"):
+        raise UserError(f"train.scheduler must be cosine, linear or constant, got '{tcfg.scheduler}'")
+    sched = get_scheduler(tcfg.scheduler if tcfg.scheduler != "constant" else "constant_with_warmup", opt,
+                          num_warmup_steps=int(tcfg.warmup_ratio * steps), num_training_steps=steps)
+    model, opt = acc.prepare(model, opt)
+    start = 0
+    if resume:
+        ckpt = latest_checkpoint(out_dir)
+        if ckpt is None:
+            raise UserError(f"--resume: no checkpoint in {out_dir / CKPT_DIR}")
+        start = load_checkpoint(ckpt, acc.unwrap_model(model), opt, sched)
+    else:
+        torch.manual_seed(tcfg.seed)
+        random.seed(tcfg.seed)
+    batches = micro_batches(len(examples), tcfg.batch_size, acc.num_processes, acc.process_index, tcfg.seed)
+    for _ in range(start * tcfg.grad_accum):  # fast-forward the data order to where the run stopped
+        next(batches)
+
+    model.train()
+    log = open(out_dir / "metrics.jsonl", "a" if resume else "w", encoding="utf-8") if acc.is_main_process else None
+    losses, tokens, t0 = [], 0, time.time()
+    last_metrics = {}
+    for step in range(start, steps):
+        step_loss, step_metrics = 0.0, {}
+        for micro in range(tcfg.grad_accum):
+            epoch, idx = next(batches)
+            batch = {k: v.to(acc.device) for k, v in collate([examples[i] for i in idx]).items()}
+            ctx = acc.no_sync(model) if micro < tcfg.grad_accum - 1 else contextlib.nullcontext()
+            with ctx, acc.autocast():
+                loss, n_tok, metrics = step_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}")
+            acc.backward(loss / tcfg.grad_accum)
+            step_loss += loss.item() / tcfg.grad_accum
+            tokens += int(n_tok) * acc.num_processes
+            for k, v in metrics.items():
+                step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / tcfg.grad_accum
+        grad_norm = acc.clip_grad_norm_(params, tcfg.max_grad_norm) if tcfg.max_grad_norm > 0 else None
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+        tps = tokens / max(time.time() - t0, 1e-9)
+        last_metrics = {"step": step + 1, "epoch": epoch, "loss": step_loss, "lr": sched.get_last_lr()[0],
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                        "tokens_per_s": tps, **step_metrics}
+        if log and ((step + 1) % tcfg.log_every == 0 or step + 1 == steps or step == start):
+            log.write(json.dumps(last_metrics) + "\n")
+            log.flush()
+        if progress:
+            progress(step + 1, steps, step_loss, tps)
+        if tcfg.save_every and (step + 1) % tcfg.save_every == 0 and step + 1 < steps and acc.is_main_process:
+            save_checkpoint(out_dir, step + 1, acc.unwrap_model(model), opt, sched, tcfg.keep_last)
+    if log:
+        log.close()
+    seconds = time.time() - t0
+    return {"steps": steps, "resumed_from": start, "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None, "tokens_per_s": tokens / max(seconds, 1e-9),
+            "train_seconds": seconds, **{k: v for k, v in last_metrics.items() if k not in ("step", "epoch", "loss")}}
