@@ -68,9 +68,9 @@ def test_truncation_keeps_a_label_or_errors(tiny_model, enc):
     assert len(ids2) == first_label + 2 and ids2 == ids[:first_label + 2]
 
 
-def test_empty_assistant_turn_is_an_error(enc):
+def test_empty_assistant_turn_is_an_error():
     with pytest.raises(ValueError, match="empty assistant turn"):
-        enc.encode([{"role": "user", "content": "<image> q"}, {"role": "assistant", "content": " "}], 1)
+        messages_of({"messages": [{"role": "user", "content": "<image> q"}, {"role": "assistant", "content": " "}]})
 
 
 def test_llava_and_messages_formats_agree():
@@ -79,7 +79,13 @@ def test_llava_and_messages_formats_agree():
     assert messages_of(llava) == messages_of(oai)
 
 
+def _png(path):
+    from PIL import Image
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(path)
+
+
 def test_bad_jsonl_names_file_and_line(tmp_path, enc):
+    _png(tmp_path / "x.png")
     p = tmp_path / "d.jsonl"
     good = {"image": "x.png", "conversations": [{"from": "human", "value": "<image> q"}, {"from": "gpt", "value": "a"}]}
     p.write_text(json.dumps(good) + "\n{not json\n")
@@ -88,6 +94,7 @@ def test_bad_jsonl_names_file_and_line(tmp_path, enc):
 
 
 def test_skip_bad_records_and_report(tmp_path, enc):
+    _png(tmp_path / "x.png")
     p = tmp_path / "d.jsonl"
     good = {"image": "x.png", "conversations": [{"from": "human", "value": "<image> q"}, {"from": "gpt", "value": "a"}]}
     bad = {"image": "x.png", "conversations": [{"from": "human", "value": "no placeholder"}, {"from": "gpt", "value": "a"}]}

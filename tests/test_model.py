@@ -97,3 +97,22 @@ def test_missing_model_path_is_a_user_error(tiny_cfg):
     from tinyml_cli import UserError
     with pytest.raises(UserError, match="cannot load"):
         build_model(tiny_cfg("model.llm=/nonexistent/llm").model)
+
+
+def test_pickled_weights_are_refused(tiny, tmp_path):
+    """Weights load only from safetensors: a pickle-only checkpoint is a user error, never unpickled."""
+    import shutil
+    from transformers import AutoModelForCausalLM
+    from tinyml_cli import UserError
+    from tinyml_cli.model import load_llm
+    llm = AutoModelForCausalLM.from_pretrained(tiny / "llm")
+    shutil.copytree(tiny / "llm", tmp_path / "pickled")
+    (tmp_path / "pickled" / "model.safetensors").unlink()
+    torch.save(llm.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
+    with pytest.raises(UserError, match="cannot load LLM"):
+        load_llm(str(tmp_path / "pickled"))
+
+
+def test_remote_code_is_off_by_default():
+    from tinyml_cli.config import RunConfig
+    assert RunConfig().model.trust_remote_code is False

@@ -89,3 +89,50 @@ def test_lora_sft_saves_peft_adapter_and_loads(tiny_cfg, tmp_path, shapes):
     assert hasattr(model.llm, "peft_config")
     # LoRA trains the adapters and the connector, a small part of the model
     assert 0 < r["trainable_params"] < r["total_params"] / 2
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model, shapes, tiny_cfg, tmp_path):
+    from tinyml_cli.data import Collator, Encoder, ImageLoader, load_examples
+    from tinyml_cli.sft import configure_trainable, sft_step
+    from tinyml_cli.train import latest_checkpoint, train
+    cfg = tiny_cfg("train.max_steps=5", "train.save_every=2")
+    enc = Encoder(tiny_model.tokenizer, tiny_model.num_image_tokens, 256)
+    ex, _ = load_examples(shapes / "train.jsonl", enc)
+    calls = []
+
+    def step(model, batch):
+        loss, n, m = sft_step(model, batch)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), n, m
+    configure_trainable(tiny_model, cfg)
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        train(tiny_model, ex, Collator(tiny_model.tokenizer.pad_token_id, ImageLoader(tiny_model.image_processor)),
+              step, cfg.train, tmp_path)
+    assert latest_checkpoint(tmp_path).name == "step-00000002"
+
+
+def test_failed_checkpoint_write_keeps_previous(tiny_model, tiny_cfg, tmp_path, monkeypatch):
+    from tinyml_cli import UserError, train as train_mod
+    from tinyml_cli.sft import configure_trainable
+    configure_trainable(tiny_model, tiny_cfg())
+    params = [p for p in tiny_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    train_mod.save_checkpoint(tmp_path, 1, tiny_model, opt, sched, keep_last=2)
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    with pytest.raises(UserError, match="No space left on device.*previous checkpoint is intact"):
+        train_mod.save_checkpoint(tmp_path, 2, tiny_model, opt, sched, keep_last=2)
+    assert train_mod.latest_checkpoint(tmp_path).name == "step-00000001"
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_half_written_checkpoint_is_never_latest(tmp_path):
+    from tinyml_cli.train import latest_checkpoint
+    (tmp_path / "checkpoints" / "step-00000004").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-00000004" / "meta.json").write_text('{"step": 4}')
+    (tmp_path / "checkpoints" / ".tmp-step-00000006").mkdir()
+    (tmp_path / "checkpoints" / "step-00000008").mkdir()  # no meta.json: incomplete
+    assert latest_checkpoint(tmp_path).name == "step-00000004"

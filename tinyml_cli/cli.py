@@ -49,9 +49,14 @@ def _train_command(command: str, config, sets, output_dir, json_mode, resume, ov
     out = Path(output_dir or f"runs/{command}")
     _prepare_output(out, resume, overwrite)
     con = ui.console(json_mode)
-    with ui.training_bar(con, command) as bar:
-        result = run_sft(cfg, out, command, resume=resume, progress=bar)
-    ui.emit(result, json_mode)
+    from accelerate import PartialState
+    main_process = PartialState().is_main_process
+    if main_process:
+        with ui.training_bar(con, command) as bar:
+            result = run_sft(cfg, out, command, resume=resume, progress=bar)
+        ui.emit(result, json_mode)
+    else:  # other processes of a multi-process run train silently
+        run_sft(cfg, out, command, resume=resume)
 
 
 @app.command("pretrain-align")
@@ -162,6 +167,32 @@ def synth_shapes(output_dir: Path = typer.Argument(..., help="Folder for images/
              "artifacts": files}, json_mode)
 
 
+@data_app.command("validate")
+def data_validate(file: Path = typer.Argument(..., help="A JSON / JSONL data file."),
+                  config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, json_mode: bool = JsonOpt):
+    """Report every problem of a data set at once; exit 2 if there is any.
+
+    Records, fields, images (fully decoded) and placeholders are checked; with model.llm and model.vision
+    (or model.init_from) set, token lengths and truncation are checked too.
+
+    Example: tinyml data validate runs/shapes/train.jsonl -c tiny_sft
+    """
+    from . import ui
+    from .data import encoder_for, validate
+    ui.quiet_libraries()
+    cfg = _config(config, set_)
+    enc = encoder_for(cfg) if cfg.model.init_from or cfg.model.llm else None
+    n, problems = validate(file, enc)
+    con = ui.console(json_mode)
+    from rich.markup import escape
+    for p in problems:
+        con.print(f"[red]x[/red] {escape(p)}")
+    ui.emit({"command": "data validate", "output_dir": None, "artifacts": {}, "problems": problems,
+             "metrics": {"records": n, "problems": len(problems), "tokens_checked": enc is not None}}, json_mode)
+    if problems:
+        raise typer.Exit(2)
+
+
 @app.command()
 def demo(output_dir: Path = typer.Option(Path("runs/demo"), "--output-dir", "-o", help="Folder for everything the demo makes."),
          quick: bool = typer.Option(False, "--quick", help="Smoke test: a few steps of every stage (accuracy is meaningless)."),
@@ -191,7 +222,8 @@ def root(version: bool = typer.Option(False, "--version", callback=version_callb
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # click returns an Exit's code here instead of raising it
+        sys.exit(rc if isinstance(rc, int) else 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

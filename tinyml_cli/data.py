@@ -27,31 +27,33 @@ class Example:
     meta: dict = field(default_factory=dict)
 
 
-def read_records(path: str | Path) -> list[tuple[int, dict]]:
-    """(line or index, record) pairs from a JSON list or a JSONL file."""
+def read_records(path: str | Path) -> list[tuple[int, dict | ValueError]]:
+    """(line or index, record) pairs from a JSON list or a JSONL file; a broken JSONL line is a ValueError."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"data file not found: {p}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{p}: not UTF-8 text (byte {e.start})") from None
-    if p.suffix == ".json" or text.lstrip().startswith("["):
+    raw = p.read_bytes()
+    if p.suffix == ".json" or raw.lstrip()[:1] == b"[":
         try:
-            data = json.loads(text)
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise UserError(f"{p}: not UTF-8 text at line {line}") from None
         except json.JSONDecodeError as e:
             raise UserError(f"{p}: malformed JSON at line {e.lineno}: {e.msg}") from None
         if not isinstance(data, list):
             raise UserError(f"{p}: a JSON data file must hold a list of records")
         return list(enumerate(data, 1))
     out = []
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in enumerate(raw.split(b"\n"), 1):
         if not line.strip():
             continue
         try:
-            out.append((i, json.loads(line)))
+            out.append((i, json.loads(line.decode("utf-8"))))
+        except UnicodeDecodeError:
+            out.append((i, ValueError("not UTF-8 text")))
         except json.JSONDecodeError as e:
-            raise UserError(f"{p}:{i}: malformed JSON: {e.msg}") from None
+            out.append((i, ValueError(f"malformed JSON: {e.msg}")))
     return out
 
 
@@ -72,6 +74,8 @@ def messages_of(record: dict) -> list[dict]:
             raise ValueError(f"unknown speaker {t.get('from', t.get('role'))!r}")
         if not isinstance(content, str):
             raise ValueError(f"turn text is not a string: {content!r}"[:120])
+        if role == "assistant" and not content.strip():
+            raise ValueError(f"empty assistant turn (turn {len(msgs) + 1})")
         msgs.append({"role": role, "content": content})
     return msgs
 
@@ -90,6 +94,47 @@ def image_paths(record: dict, root: Path) -> list[Path]:
             raise ValueError(f"image path escapes the data folder: {n}")
         out.append(p)
     return out
+
+
+MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused: a decompression bomb costs GBs of memory
+
+
+def check_image(p: Path, decode: bool = False) -> None:
+    """Raise ValueError for a missing, unreadable, empty or enormous image (header only unless decode)."""
+    from PIL import Image
+    try:
+        with Image.open(p) as im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise ValueError(f"image of {w}x{h} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit: {p}")
+            if decode:
+                im.load()
+    except FileNotFoundError:
+        raise ValueError(f"image not found: {p}") from None
+    except Image.DecompressionBombError:
+        raise ValueError(f"image is over the decompression-bomb limit: {p}") from None
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read image {p}: {e}") from None
+    if w == 0 or h == 0:
+        raise ValueError(f"image has zero size: {p}")
+
+
+def open_rgb(p: Path):
+    """An RGB image from any PIL mode: transparency over white, 16-bit and float scaled to 8 bits."""
+    import numpy as np
+    from PIL import Image
+    with Image.open(p) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            a = np.asarray(im, dtype=np.float32)
+            a = (a - a.min()) * (255.0 / max(float(a.max() - a.min()), 1e-6))
+            im = Image.fromarray(a.astype(np.uint8), "L")
+        if im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")
+        if im.mode in ("RGBA", "LA"):
+            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(bg, im.convert("RGBA"))
+        return im.convert("RGB")
 
 
 class Encoder:
@@ -123,8 +168,6 @@ class Encoder:
         for i, m in enumerate(msgs):
             if m["role"] != "assistant" or for_generation:
                 continue
-            if not m["content"].strip():
-                raise ValueError(f"empty assistant turn (turn {i + 1})")
             prompt = self._render(msgs[:i], True)
             full = self._render(msgs[:i + 1], False)
             if not prompt.startswith(done) or not full.startswith(prompt):
@@ -156,6 +199,31 @@ class Encoder:
         return ids, labels
 
 
+def parse_record(rec, root: Path, encoder: Encoder | None, for_generation: bool = False,
+                 decode_images: bool = False) -> Example:
+    """One record as an Example; raises ValueError naming what is wrong with it."""
+    if isinstance(rec, ValueError):
+        raise rec
+    msgs = messages_of(rec)
+    imgs = image_paths(rec, root)
+    for img in imgs:
+        check_image(img, decode=decode_images)
+    if encoder is None:  # structure only: no tokenizer to encode with
+        placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in msgs)
+        if placeholders != len(imgs):
+            raise ValueError(f"{placeholders} '<image>' placeholder(s) for {len(imgs)} image(s)")
+        return Example([], [], imgs, {})
+    ids, labels = encoder.encode(msgs, len(imgs), for_generation)
+    meta = {k: rec[k] for k in ("id", "type", "answer") if k in rec}
+    if for_generation:
+        meta["messages"] = msgs
+    return Example(ids, labels, imgs, meta)
+
+
+def _where(p: Path, line: int) -> str:
+    return f"{p}:{line}" if p.suffix != ".json" else f"{p} record {line}"
+
+
 def load_examples(path: str | Path, encoder: Encoder, on_error: str = "fail", for_generation: bool = False,
                   image_root: str | Path | None = None) -> tuple[list[Example], list[str]]:
     """Encode every record of a file; returns the examples and, with on_error=skip, what was skipped."""
@@ -166,21 +234,30 @@ def load_examples(path: str | Path, encoder: Encoder, on_error: str = "fail", fo
     examples, skipped = [], []
     for line, rec in read_records(p):
         try:
-            msgs = messages_of(rec)
-            imgs = image_paths(rec, root)
-            ids, labels = encoder.encode(msgs, len(imgs), for_generation)
-            meta = {k: rec[k] for k in ("id", "type", "answer") if k in rec}
-            if for_generation:
-                meta["messages"] = msgs
-            examples.append(Example(ids, labels, imgs, meta))
+            ex = parse_record(rec, root, encoder, for_generation)
         except ValueError as e:
-            where = f"{p}:{line}" if p.suffix != ".json" else f"{p} record {line}"
             if on_error == "fail":
-                raise UserError(f"{where}: {e}") from None
-            skipped.append(f"{where}: {e}")
+                raise UserError(f"{_where(p, line)}: {e}") from None
+            skipped.append(f"{_where(p, line)}: {e}")
+            continue
+        ex.meta["where"] = _where(p, line)
+        examples.append(ex)
     if not examples:
         raise UserError(f"{p}: no usable record")
     return examples, skipped
+
+
+def validate(path: str | Path, encoder: Encoder | None = None) -> tuple[int, list[str]]:
+    """Every problem of a data set at once (images fully decoded): (records, problems)."""
+    p = Path(path)
+    problems, n = [], 0
+    for line, rec in read_records(p):
+        n += 1
+        try:
+            parse_record(rec, p.parent, encoder, decode_images=True)
+        except ValueError as e:
+            problems.append(f"{_where(p, line)}: {e}")
+    return n, problems
 
 
 class ImageLoader:
@@ -193,15 +270,11 @@ class ImageLoader:
         todo = [p for p in dict.fromkeys(paths) if p not in self.cache]
         fresh = {}
         if todo:
-            from PIL import Image
             imgs = []
             for p in todo:
                 try:
-                    with Image.open(p) as im:
-                        imgs.append(im.convert("RGB"))
-                except FileNotFoundError:
-                    raise UserError(f"image not found: {p}") from None
-                except OSError as e:
+                    imgs.append(open_rgb(p))
+                except (OSError, ValueError) as e:
                     raise UserError(f"cannot read image {p}: {e}") from None
             fresh = dict(zip(todo, self.processor(images=imgs, return_tensors="pt")["pixel_values"]))
             for p, x in fresh.items():
@@ -232,5 +305,30 @@ class Collator:
         paths = [p for e in batch for p in e.images]
         out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         if paths:
-            out["pixel_values"] = self.images(paths)
+            try:
+                out["pixel_values"] = self.images(paths)
+            except UserError as e:  # name the record too: an image can break only when it is decoded
+                where = next((x.meta.get("where") for x in batch for q in x.images if str(q) in str(e)), None)
+                raise UserError(f"{where}: {e}" if where else str(e)) from None
         return out
+
+
+def encoder_for(cfg) -> Encoder:
+    """An Encoder from a recipe's tokenizer and image-token count, without loading any weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .model import _hf_load, prepare_tokenizer
+    m = cfg.model
+    if m.init_from:
+        spec = json.loads((Path(m.init_from) / "tinyml_model.json").read_text())
+        llm, n_img = str(Path(m.init_from) / "llm"), spec["num_image_tokens"]
+    else:
+        if not m.vision:
+            raise UserError("model.vision is not set (needed to count image tokens)")
+        vcfg = _hf_load(AutoConfig.from_pretrained, m.vision, "vision config", trust_remote_code=m.trust_remote_code)
+        vcfg = getattr(vcfg, "vision_config", vcfg)
+        llm = m.llm
+        n_img = m.resampler_queries if m.connector == "resampler" else (vcfg.image_size // vcfg.patch_size) ** 2
+    tok = _hf_load(AutoTokenizer.from_pretrained, llm, "tokenizer", trust_remote_code=m.trust_remote_code)
+    prepare_tokenizer(tok, None)
+    return Encoder(tok, n_img, cfg.data.max_length, cfg.data.system_prompt)

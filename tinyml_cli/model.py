@@ -98,7 +98,11 @@ def build_connector(kind: str, vision_dim: int, llm_dim: int, queries: int = 16,
 
 # ------------------------------------------------------------------------------------------ loading parts
 def _hf_load(fn, ident: str, what: str, **kw):
-    """from_pretrained with a one-line user error for a missing folder or an id that can't be reached."""
+    """from_pretrained with a one-line user error for a missing folder or an id that can't be reached.
+
+    Weights load only from safetensors (`use_safetensors=True` where passed): a pickled checkpoint can run
+    code when it is unpickled, so one from a stranger is refused rather than trusted.
+    """
     try:
         return fn(ident, **kw)
     except (OSError, ValueError) as e:
@@ -115,7 +119,8 @@ def load_vision(ident: str, trust_remote_code: bool = False, dtype=None):
     cfg = _hf_load(AutoConfig.from_pretrained, ident, "vision encoder", trust_remote_code=trust_remote_code)
     kind = cfg.model_type.replace("_vision_model", "")
     cls = {"siglip": SiglipVisionModel, "clip": CLIPVisionModel}.get(kind, AutoModel)
-    model = _hf_load(cls.from_pretrained, ident, "vision encoder", dtype=dtype, trust_remote_code=trust_remote_code)
+    model = _hf_load(cls.from_pretrained, ident, "vision encoder", dtype=dtype, trust_remote_code=trust_remote_code,
+                     use_safetensors=True)
     processor = _hf_load(AutoImageProcessor.from_pretrained, ident, "image processor")
     return model, processor
 
@@ -125,7 +130,7 @@ def load_llm(ident: str, trust_remote_code: bool = False, dtype=None, attn_imple
     if not ident:
         raise UserError("model.llm is not set (a hub id or a local folder)")
     tok = _hf_load(AutoTokenizer.from_pretrained, ident, "tokenizer", trust_remote_code=trust_remote_code)
-    llm = _hf_load(AutoModelForCausalLM.from_pretrained, ident, "LLM", dtype=dtype,
+    llm = _hf_load(AutoModelForCausalLM.from_pretrained, ident, "LLM", dtype=dtype, use_safetensors=True,
                    trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
     prepare_tokenizer(tok, llm)
     return llm, tok

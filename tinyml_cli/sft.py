@@ -69,6 +69,7 @@ def sft_step(model, batch):
 def run_sft(cfg: RunConfig, out_dir: str | Path, command: str, resume: bool = False, progress=None) -> dict:
     """Setup -> loop -> save for pretrain-align / sft; returns the JSON summary."""
     import torch
+    from accelerate import PartialState
 
     from .data import Collator, Encoder, ImageLoader, load_examples
     from .model import build_model, count_params, resolve_dtype
@@ -88,12 +89,15 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, command: str, resume: bool = Fa
     enc = Encoder(model.tokenizer, model.num_image_tokens, cfg.data.max_length, cfg.data.system_prompt)
     examples, skipped = load_examples(cfg.data.train, enc, cfg.data.on_error)
     collate = Collator(model.tokenizer.pad_token_id, ImageLoader(model.image_processor))
-    save_config(cfg, out, {"command": command})
+    main_process = PartialState().is_main_process  # with several processes, one writes the outputs
+    if main_process:
+        save_config(cfg, out, {"command": command})
     trainable, total = count_params(model)
     stats = train(model, examples, collate, sft_step, cfg.train, out, resume=resume, progress=progress)
-    model.save(out)
+    if main_process:
+        model.save(out)
     metrics = {**stats, "examples": len(examples), "skipped": len(skipped), "seconds": time.time() - t0}
-    if skipped:
+    if skipped and main_process:
         (out / "skipped.txt").write_text("\n".join(skipped) + "\n")
     artifacts = {"model": str(out), "config": str(out / "config.yaml"), "metrics": str(out / "metrics.jsonl")}
     return {"command": command, "output_dir": str(out), "metrics": metrics, "artifacts": artifacts,

@@ -165,6 +165,8 @@ def train(model, examples: list, collate, step_fn, tcfg, out_dir: Path, resume: 
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if acc.num_processes > 1:  # log the loss of the global batch, not of this process's shard
+            step_loss = acc.reduce(torch.tensor(step_loss, device=acc.device), reduction="mean").item()
         losses.append(step_loss)
         tps = tokens / max(time.time() - t0, 1e-9)
         last_metrics = {"step": step + 1, "epoch": epoch, "loss": step_loss, "lr": sched.get_last_lr()[0],

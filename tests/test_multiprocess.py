@@ -1,0 +1,36 @@
+"""Two CPU processes (DDP over gloo, launched by torchrun) follow one process's loss curve for the same global batch."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.exists() and not shutil.which("torchrun"), reason="torchrun not installed")
+def test_two_processes_match_one(tiny, shapes, tmp_path):
+    sets = ["--set", f"model.llm={tiny / 'llm'}", "--set", f"model.vision={tiny / 'vision'}",
+            "--set", f"data.train={shapes / 'train.jsonl'}", "--set", "train.max_steps=6", "--set", "train.log_every=1",
+            "--set", "train.lr=1e-3", "--set", "train.parts=connector,llm"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "tinyml_cli", "sft", *sets, "--set", "train.batch_size=4",
+                          "-o", tmp_path / "one"], capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([str(TORCHRUN if TORCHRUN.exists() else "torchrun"), "--standalone", "--nproc_per_node", "2",
+                          "-m", "tinyml_cli", "sft", *sets, "--set", "train.batch_size=2", "-o", tmp_path / "two"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    curve = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines()]
+    a, b = curve(tmp_path / "one"), curve(tmp_path / "two")
+    assert len(a) == len(b) == 6
+    # Same examples per global batch; the only difference is how the token-mean is split across processes.
+    for x, y in zip(a, b):
+        assert abs(x - y) <= 0.05 * x, (a, b)
+    assert b[-1] < b[0]
+    assert (tmp_path / "two" / "connector.safetensors").is_file()
