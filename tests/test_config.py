@@ -71,3 +71,17 @@ def test_every_shipped_recipe_loads(recipe):
     assert recipe.read_text().startswith("#"), "a recipe opens with the command that runs it"
     load_config(recipe)
     load_config(recipe.stem)  # by name, as shipped in the package
+
+
+ACCELERATE = sorted(Path(__file__).parent.parent.joinpath("recipes", "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=[p.name for p in ACCELERATE])
+def test_accelerate_configs_parse(path):
+    """The shipped accelerate configs are valid for accelerate's own config class."""
+    import yaml
+    from accelerate.commands.config.config_args import ClusterConfig
+    text = path.read_text()
+    assert text.startswith("# ") and "accelerate launch --config_file" in text
+    cfg = ClusterConfig.from_yaml_file(str(path))
+    assert cfg.num_processes == 2
