@@ -26,15 +26,16 @@ def test_only_assistant_tokens_are_labelled(enc, tiny_model):
 def test_image_tokens_expanded_and_never_labelled(enc, tiny_model):
     ids, labels = enc.encode(CONV, n_images=1)
     img = [i for i, t in enumerate(ids) if t == tiny_model.image_token_id]
-    assert len(img) == tiny_model.num_image_tokens == 16
-    assert img == list(range(img[0], img[0] + 16))  # contiguous
+    # the tiny default: 32x32 images in 16x16 patches, one token per patch and no CLS token
+    assert len(img) == tiny_model.num_image_tokens == 4
+    assert img == list(range(img[0], img[0] + 4))  # contiguous
     assert all(labels[i] == -100 for i in img)
 
 
 def test_text_matches_chat_template(enc, tiny_model):
     tok = tiny_model.tokenizer
     ids, _ = enc.encode(CONV, n_images=1)
-    text = tok.decode(ids).replace("<image>" * 16, "<image>")
+    text = tok.decode(ids).replace("<image>" * tiny_model.num_image_tokens, "<image>")
     assert text == tok.apply_chat_template(CONV, tokenize=False)
 
 
@@ -51,8 +52,12 @@ def test_placeholder_count_must_match_images(enc):
         enc.encode([{"role": "user", "content": "<image><image> hi"}, {"role": "assistant", "content": "x"}], 1)
 
 
-def test_truncation_never_cuts_image_tokens(tiny_model):
-    short = Encoder(tiny_model.tokenizer, tiny_model.num_image_tokens, max_length=10)
+def test_truncation_never_cuts_image_tokens(tiny_model, enc):
+    ids, _ = enc.encode(CONV, n_images=1)
+    first_img = ids.index(tiny_model.image_token_id)
+    # a limit that ends in the middle of the image tokens
+    short = Encoder(tiny_model.tokenizer, tiny_model.num_image_tokens,
+                    max_length=first_img + tiny_model.num_image_tokens // 2)
     with pytest.raises(ValueError, match="image tokens end at"):
         short.encode(CONV, n_images=1)
 

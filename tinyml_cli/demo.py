@@ -15,7 +15,7 @@ from rich.table import Table
 from . import ui
 from .config import load_config
 
-N_TRAIN, N_EVAL = 3000, 200
+N_TRAIN, N_EVAL = 8000, 200
 QUICK_TINY = {"llm_steps": 3, "vision_steps": 3, "n_scenes": 300}
 
 
