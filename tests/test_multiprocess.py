@@ -29,8 +29,9 @@ def test_two_processes_match_one(tiny, shapes, tmp_path):
     curve = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines()]
     a, b = curve(tmp_path / "one"), curve(tmp_path / "two")
     assert len(a) == len(b) == 6
-    # Same examples per global batch; the only difference is how the token-mean is split across processes.
+    # Same examples per global batch, and each process's loss weighted by its share of the tokens: the curves
+    # agree to float precision. Two processes that each trained alone on half the batch differ by several per cent.
     for x, y in zip(a, b):
-        assert abs(x - y) <= 0.05 * x, (a, b)
+        assert abs(x - y) <= 1e-3 * x, (a, b)
     assert b[-1] < b[0]
     assert (tmp_path / "two" / "connector.safetensors").is_file()

@@ -49,8 +49,8 @@ def _train_command(command: str, config, sets, output_dir, json_mode, resume, ov
     out = Path(output_dir or f"runs/{command}")
     _prepare_output(out, resume, overwrite)
     con = ui.console(json_mode)
-    from accelerate import PartialState
-    main_process = PartialState().is_main_process
+    from .train import process_state
+    main_process = process_state().is_main_process
     if main_process:
         with ui.training_bar(con, command) as bar:
             result = run_sft(cfg, out, command, resume=resume, progress=bar)
@@ -150,12 +150,12 @@ def build_tiny(output_dir: Path = typer.Argument(Path("runs/tiny"), help="Where 
 
 @data_app.command("synth-shapes")
 def synth_shapes(output_dir: Path = typer.Argument(..., help="Folder for images/, captions.jsonl, train.jsonl, eval.jsonl."),
-                 n: int = typer.Option(3000, "--n", help="Training images."),
+                 n: int = typer.Option(8000, "--n", help="Training images."),
                  n_eval: int = typer.Option(200, "--n-eval", help="Held-out images (5 questions each)."),
                  seed: int = typer.Option(0, help="Random seed."), json_mode: bool = JsonOpt):
     """Synthetic shapes: captions (alignment), multi-turn VQA (sft) and a held-out split with POPE questions.
 
-    Example: tinyml data synth-shapes runs/shapes --n 3000
+    Example: tinyml data synth-shapes runs/shapes --n 8000
     """
     from . import ui
     from .synth import synth_shapes as synth

@@ -69,11 +69,10 @@ def sft_step(model, batch):
 def run_sft(cfg: RunConfig, out_dir: str | Path, command: str, resume: bool = False, progress=None) -> dict:
     """Setup -> loop -> save for pretrain-align / sft; returns the JSON summary."""
     import torch
-    from accelerate import PartialState
 
     from .data import Collator, Encoder, ImageLoader, load_examples
     from .model import build_model, count_params, resolve_dtype
-    from .train import train
+    from .train import process_state, train
 
     t0 = time.time()
     out = Path(out_dir)
@@ -89,7 +88,7 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, command: str, resume: bool = Fa
     enc = Encoder(model.tokenizer, model.num_image_tokens, cfg.data.max_length, cfg.data.system_prompt)
     examples, skipped = load_examples(cfg.data.train, enc, cfg.data.on_error)
     collate = Collator(model.tokenizer.pad_token_id, ImageLoader(model.image_processor))
-    main_process = PartialState().is_main_process  # with several processes, one writes the outputs
+    main_process = process_state().is_main_process  # with several processes, one writes the outputs
     if main_process:
         save_config(cfg, out, {"command": command})
     trainable, total = count_params(model)

@@ -1,6 +1,6 @@
 """One training loop for every objective, on accelerate: devices, mixed precision, multi-process, resume.
 
-An objective is a `step_fn(model, batch) -> (loss, n_tokens, metrics)`. Data order is a seeded permutation
+An objective is a `step_fn(model, batch) -> (loss, n_tokens, metrics)`, its loss a mean over n_tokens units. Data order is a seeded permutation
 per epoch, so a run resumed from a checkpoint sees exactly the batches an uninterrupted run would.
 Checkpoints (trainable weights, optimizer, scheduler, RNG, step) are written to a temporary folder and
 renamed into place, so a half-written one is never taken as the latest.
@@ -30,6 +30,16 @@ def mixed_precision(name: str) -> str:
     if name not in ("no", "bf16", "fp16"):
         raise UserError(f"train.mixed_precision must be auto, no, bf16 or fp16, got '{name}'")
     return name
+
+
+def process_state():
+    """accelerate's view of the processes of this run (one, or several under torchrun / accelerate launch).
+
+    On a machine without a GPU accelerate takes several processes for a multi-CPU (gloo) run only when told
+    `cpu=True`; otherwise each process would train alone on its shard and all would write the same files.
+    """
+    from accelerate import PartialState
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def micro_batches(n_examples: int, batch_size: int, world: int, rank: int, seed: int):
@@ -118,7 +128,9 @@ def train(model, examples: list, collate, step_fn, tcfg, out_dir: Path, resume: 
     from accelerate import Accelerator
     from transformers import get_scheduler
 
-    acc = accelerator or Accelerator(mixed_precision=mixed_precision(tcfg.mixed_precision))
+    process_state()  # sets up the process group first, on CPU too
+    acc = accelerator or Accelerator(mixed_precision=mixed_precision(tcfg.mixed_precision),
+                                     cpu=not torch.cuda.is_available())
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("nothing to train: the recipe leaves every parameter frozen")
@@ -156,9 +168,18 @@ def train(model, examples: list, collate, step_fn, tcfg, out_dir: Path, resume: 
                 loss, n_tok, metrics = step_fn(model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}")
-            acc.backward(loss / tcfg.grad_accum)
-            step_loss += loss.item() / tcfg.grad_accum
-            tokens += int(n_tok) * acc.num_processes
+            share = 1.0
+            if acc.num_processes > 1:
+                # DDP averages gradients over processes; weighting each process's mean by its share of the
+                # global token count makes that average the gradient of the global per-token mean, so several
+                # processes follow one process's run whatever the padding and labels of each shard.
+                global_tok = acc.reduce(torch.tensor(float(n_tok), device=acc.device), reduction="sum").item()
+                share = n_tok * acc.num_processes / max(global_tok, 1.0)
+                tokens += int(global_tok)
+            else:
+                tokens += int(n_tok)
+            acc.backward(loss * share / tcfg.grad_accum)
+            step_loss += loss.item() * share / tcfg.grad_accum
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / tcfg.grad_accum
         grad_norm = acc.clip_grad_norm_(params, tcfg.max_grad_norm) if tcfg.max_grad_norm > 0 else None
