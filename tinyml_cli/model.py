@@ -12,8 +12,8 @@ the connector's outputs before the LLM runs. A model saves as one folder:
 
 from __future__ import annotations
 
+import contextlib
 import json
-
 from pathlib import Path
 
 import torch
@@ -125,13 +125,16 @@ def load_vision(ident: str, trust_remote_code: bool = False, dtype=None):
     return model, processor
 
 
-def load_llm(ident: str, trust_remote_code: bool = False, dtype=None, attn_implementation: str = "sdpa"):
+def load_llm(ident: str, trust_remote_code: bool = False, dtype=None, attn_implementation: str = "sdpa",
+             quantization_config=None):
+    """A causal LM and its tokenizer; `quantization_config` (bitsandbytes) loads the weights quantized (QLoRA)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if not ident:
         raise UserError("model.llm is not set (a hub id or a local folder)")
     tok = _hf_load(AutoTokenizer.from_pretrained, ident, "tokenizer", trust_remote_code=trust_remote_code)
+    quant = {"quantization_config": quantization_config} if quantization_config is not None else {}
     llm = _hf_load(AutoModelForCausalLM.from_pretrained, ident, "LLM", dtype=dtype, use_safetensors=True,
-                   trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+                   trust_remote_code=trust_remote_code, attn_implementation=attn_implementation, **quant)
     prepare_tokenizer(tok, llm)
     return llm, tok
 
@@ -243,7 +246,8 @@ class LMM(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         if hasattr(self.llm, "peft_config"):
             self.llm.save_pretrained(out / "llm_adapter")
-            self.llm.get_base_model().save_pretrained(out / "llm")
+            with adapters_lifted(self.llm) as base:
+                base.save_pretrained(out / "llm")
         else:
             self.llm.save_pretrained(out / "llm")
         self.tokenizer.save_pretrained(out / "llm")
@@ -254,12 +258,37 @@ class LMM(nn.Module):
         (out / "tinyml_model.json").write_text(json.dumps(self.spec, indent=2))
 
 
-def build_model(mcfg, dtype=None) -> LMM:
+@contextlib.contextmanager
+def adapters_lifted(peft_llm):
+    """The base model of a peft model with its original layers back in place, until the block ends.
+
+    peft wraps each adapted layer (`q_proj` -> `q_proj.base_layer` + `lora_A`...); saved as is, the base's own
+    weights would be missing under their real names and re-initialised on load. Swapping the modules (rather
+    than passing a cleaned state dict, which the bitsandbytes quantizer ignores) works for 4-bit bases too.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    base = peft_llm.get_base_model()
+    swapped = []
+    for name, mod in list(base.named_modules()):
+        if isinstance(mod, BaseTunerLayer) and hasattr(mod, "base_layer"):
+            parent_name, _, child = name.rpartition(".")
+            parent = base.get_submodule(parent_name)
+            setattr(parent, child, mod.base_layer)
+            swapped.append((parent, child, mod))
+    try:
+        yield base
+    finally:
+        for parent, child, mod in swapped:
+            setattr(parent, child, mod)
+
+
+def build_model(mcfg, dtype=None, quantization_config=None) -> LMM:
     """Compose the model a recipe describes: from `model.init_from` (a tinyml folder) or from its parts."""
     if mcfg.init_from:
-        return load_model(mcfg.init_from, dtype=dtype, trust_remote_code=mcfg.trust_remote_code)
+        return load_model(mcfg.init_from, dtype=dtype, trust_remote_code=mcfg.trust_remote_code,
+                          quantization_config=quantization_config)
     vision, processor = load_vision(mcfg.vision, mcfg.trust_remote_code, dtype)
-    llm, tok = load_llm(mcfg.llm, mcfg.trust_remote_code, dtype, mcfg.attn_implementation)
+    llm, tok = load_llm(mcfg.llm, mcfg.trust_remote_code, dtype, mcfg.attn_implementation, quantization_config)
     vdim, patches = vision_geometry(vision)
     ldim = llm.get_input_embeddings().weight.shape[1]
     connector = build_connector(mcfg.connector, vdim, ldim, mcfg.resampler_queries, mcfg.resampler_layers)
@@ -276,15 +305,19 @@ def is_model_dir(path: str | Path) -> bool:
     return (Path(path) / "tinyml_model.json").is_file()
 
 
-def load_model(path: str | Path, dtype=None, trust_remote_code: bool = False, adapter: bool = True) -> LMM:
-    """Load a saved tinyml model folder; the same `from_pretrained` calls as for hub parts."""
+def load_model(path: str | Path, dtype=None, trust_remote_code: bool = False, adapter: bool = True,
+               quantization_config=None) -> LMM:
+    """Load a saved tinyml model folder; the same `from_pretrained` calls as for hub parts.
+
+    A QLoRA run's `llm/` holds the 4-bit base it was trained on, and loads back quantized by itself.
+    """
     from safetensors.torch import load_file
     path = Path(path)
     if not is_model_dir(path):
         raise UserError(f"not a tinyml model folder (no tinyml_model.json): {path}")
     spec = json.loads((path / "tinyml_model.json").read_text())
     vision, processor = load_vision(str(path / "vision"), trust_remote_code, dtype)
-    llm, tok = load_llm(str(path / "llm"), trust_remote_code, dtype)
+    llm, tok = load_llm(str(path / "llm"), trust_remote_code, dtype, quantization_config=quantization_config)
     if adapter and (path / "llm_adapter").is_dir():
         from peft import PeftModel
         llm = PeftModel.from_pretrained(llm, str(path / "llm_adapter"), is_trainable=False)
