@@ -22,7 +22,7 @@ def _sft(tiny, shapes, out, *extra, resume=False):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["freeze", "lora"])
+@pytest.mark.parametrize("method", ["freeze", "lora", "qlora"])
 def test_sigkill_then_resume_matches_uninterrupted(tiny, shapes, tmp_path, method):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     extra = ["--set", f"peft.method={method}"]
@@ -45,7 +45,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny, shapes, tmp_path, metho
     resumed = subprocess.run(_sft(tiny, shapes, tmp_path / "killed", *extra, resume=True), capture_output=True,
                              text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr
-    files = ["connector.safetensors"] + (["llm_adapter/adapter_model.safetensors"] if method == "lora"
+    files = ["connector.safetensors"] + (["llm_adapter/adapter_model.safetensors"] if method in ("lora", "qlora")
                                          else ["llm/model.safetensors"])
     for f in files:
         a, b = load_file(tmp_path / "full" / f), load_file(tmp_path / "killed" / f)

@@ -136,3 +136,30 @@ def test_half_written_checkpoint_is_never_latest(tmp_path):
     (tmp_path / "checkpoints" / ".tmp-step-00000006").mkdir()
     (tmp_path / "checkpoints" / "step-00000008").mkdir()  # no meta.json: incomplete
     assert latest_checkpoint(tmp_path).name == "step-00000004"
+
+
+def test_qlora_trains_adapters_over_a_frozen_4bit_llm(tiny_cfg, tmp_path):
+    """QLoRA on CPU (bitsandbytes' CPU backend): 4-bit NF4 base stays fixed, adapters + connector train."""
+    import bitsandbytes as bnb
+    from tinyml_cli.evaluate import evaluate_model
+    from tinyml_cli.model import build_model
+    from tinyml_cli.sft import configure_trainable, quantization_config
+
+    cfg = tiny_cfg("peft.method=qlora", "peft.r=4", "train.parts=connector", "train.lr=1e-2", "train.max_steps=4")
+    model = build_model(cfg.model, quantization_config=quantization_config(cfg, torch.float32))
+    linears = [m for m in model.llm.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linears and all(m.weight.quant_type == "nf4" for m in linears)
+    configure_trainable(model, cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("connector.") for n in trainable)
+
+    r = run_sft(cfg, tmp_path / "qlora", "sft")
+    assert r["metrics"]["loss_last"] < r["metrics"]["loss_first"]
+    before = {n: m.weight.detach().clone() for n, m in model.llm.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    loaded = load_model(tmp_path / "qlora")
+    after = {n: m.weight for n, m in loaded.llm.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert after.keys() == before.keys()  # saved and loaded back as 4-bit
+    assert all(torch.equal(before[n], after[n]) for n in before)  # the quantized base did not move
+    assert hasattr(loaded.llm, "peft_config")
+    metrics, _ = evaluate_model(loaded, cfg.data.eval, cfg)
+    assert 0.0 <= metrics["vqa_accuracy"] <= 1.0 and metrics["n"] > 0

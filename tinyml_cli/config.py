@@ -70,11 +70,13 @@ class TrainConfig:
 
 @dataclass
 class PeftConfig:
-    method: str = _f("freeze", "full (every weight) | freeze (train.parts) | lora")
+    method: str = _f("freeze", "full (every weight) | freeze (train.parts) | lora | qlora (4-bit LLM + LoRA)")
     r: int = _f(8, "LoRA rank")
     alpha: int = _f(16, "LoRA alpha")
     dropout: float = _f(0.05, "LoRA dropout")
     target_modules: str = _f("all-linear", "LoRA targets: all-linear or comma-separated module names")
+    quant_type: str = _f("nf4", "qlora: 4-bit type of the frozen LLM weights, nf4 | fp4 (bitsandbytes)")
+    double_quant: bool = _f(True, "qlora: quantize the quantization constants too (saves ~0.4 bit per weight)")
 
 
 @dataclass

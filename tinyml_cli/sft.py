@@ -24,7 +24,11 @@ def encoder_layers(module):
 
 
 def configure_trainable(model, cfg: RunConfig) -> None:
-    """Set requires_grad from peft.method and train.parts; with LoRA the LLM gets peft adapters."""
+    """Set requires_grad from peft.method and train.parts; with (Q)LoRA the LLM gets peft adapters.
+
+    For qlora the LLM was loaded in 4-bit (see `quantization_config`); the adapters train in full precision
+    over the frozen quantized weights.
+    """
     method, parts = cfg.peft.method, set(cfg.train.parts)
     bad = parts - set(PARTS)
     if bad:
@@ -33,9 +37,9 @@ def configure_trainable(model, cfg: RunConfig) -> None:
     if method == "full":
         model.requires_grad_(True)
         return
-    if method not in ("freeze", "lora"):
-        raise UserError(f"peft.method '{method}' is not available (choose full, freeze or lora)")
-    if method == "lora":
+    if method not in ("freeze", "lora", "qlora"):
+        raise UserError(f"peft.method '{method}' is not available (choose full, freeze, lora or qlora)")
+    if method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
         targets = cfg.peft.target_modules
         lcfg = LoraConfig(r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
@@ -61,6 +65,17 @@ def configure_trainable(model, cfg: RunConfig) -> None:
                 layer.requires_grad_(False)
 
 
+def quantization_config(cfg: RunConfig, dtype):
+    """bitsandbytes 4-bit loading of the LLM for peft.method=qlora (the QLoRA paper's NF4 + double quant)."""
+    if cfg.peft.method != "qlora":
+        return None
+    if cfg.peft.quant_type not in ("nf4", "fp4"):
+        raise UserError(f"peft.quant_type must be nf4 or fp4, got '{cfg.peft.quant_type}'")
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.peft.quant_type,
+                              bnb_4bit_use_double_quant=cfg.peft.double_quant, bnb_4bit_compute_dtype=dtype)
+
+
 def sft_step(model, batch):
     loss = model(**batch)
     return loss, int((batch["labels"][:, 1:] != -100).sum()), {}
@@ -80,7 +95,8 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, command: str, resume: bool = Fa
     if not cfg.data.train:
         raise UserError("data.train is not set (a LLaVA-format JSON / JSONL file)")
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, dtype=resolve_dtype(cfg.model.dtype))
+    dtype = resolve_dtype(cfg.model.dtype)
+    model = build_model(cfg.model, dtype=dtype, quantization_config=quantization_config(cfg, dtype))
     configure_trainable(model, cfg)
     if cfg.train.gradient_checkpointing:
         model.base_llm().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -55,7 +55,8 @@ def pretrain_llm(tok, texts: list[str], steps: int, seed: int, hidden: int = 64,
     # Answering about one object among several needs attention that finds it; with 4 heads (GQA) and the
     # usual 0.02 init this 3-layer model sat on a loss plateau for the whole demo budget. Eight full K/V
     # heads and a 0.1 init get past it (measured in the demo, together with 2500 -> 3000 sft steps: VQA 0.86 -> 0.96).
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+    # Widths are multiples of 32 like real LLMs': bitsandbytes' CPU 4-bit inference kernels need that (QLoRA).
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 3,
                       num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
                       max_position_embeddings=512, tie_word_embeddings=False, initializer_range=0.1,
                       bos_token_id=tok.bos_token_id,
