@@ -141,3 +141,13 @@ def test_demo_quick_reports_the_contract_metrics(tmp_path):
     assert set(m["vqa_accuracy_by_type"]) == {"color", "shape", "count", "existence", "position"}
     for sub in ["tiny/llm", "shapes/train.jsonl", "align/connector.safetensors", "sft/config.yaml"]:
         assert (tmp_path / "demo" / sub).exists(), sub
+
+
+def test_reader_that_stops_early_is_not_a_failure():
+    """`tinyml --help | grep -q sft` under `set -o pipefail`: a closed stdout ends the command with exit 0."""
+    p = subprocess.Popen([sys.executable, "-m", "tinyml_cli", "--help"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.read(10)
+    p.stdout.close()
+    assert p.wait(timeout=60) == 0
+    assert b"Traceback" not in p.stderr.read()

@@ -50,13 +50,17 @@ def _train_command(command: str, config, sets, output_dir, json_mode, resume, ov
     _prepare_output(out, resume, overwrite)
     con = ui.console(json_mode)
     from .train import process_state
-    main_process = process_state().is_main_process
-    if main_process:
-        with ui.training_bar(con, command) as bar:
-            result = run_sft(cfg, out, command, resume=resume, progress=bar)
-        ui.emit(result, json_mode)
-    else:  # other processes of a multi-process run train silently
-        run_sft(cfg, out, command, resume=resume)
+    state = process_state()
+    try:
+        if state.is_main_process:
+            with ui.training_bar(con, command) as bar:
+                result = run_sft(cfg, out, command, resume=resume, progress=bar)
+            ui.emit(result, json_mode)
+        else:  # other processes of a multi-process run train silently
+            run_sft(cfg, out, command, resume=resume)
+    finally:
+        # A gloo / NCCL group left alive at interpreter exit can abort the process ("terminate called...").
+        state.destroy_process_group()
 
 
 @app.command("pretrain-align")
@@ -223,7 +227,6 @@ def root(version: bool = typer.Option(False, "--version", callback=version_callb
 def main() -> None:
     try:
         rc = app(standalone_mode=False)  # click returns an Exit's code here instead of raising it
-        sys.exit(rc if isinstance(rc, int) else 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -233,6 +236,12 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except SystemExit as e:
+        # A reader that stopped early (`tinyml --help | head`, `| grep -q`) is no failure of ours, but rich and
+        # click answer the broken pipe with exit 1, which fails such pipelines under `set -o pipefail`.
+        if isinstance(e.__context__, BrokenPipeError):
+            sys.exit(0)
+        raise
     except Exception as e:  # noqa: BLE001 - the one place that turns any failure into an exit code
         # Typer ships its own copy of click, so its usage errors are recognised by what they do.
         if type(e).__name__ == "Exit":
@@ -247,3 +256,4 @@ def main() -> None:
             raise
         print(f"internal error: {type(e).__name__}: {e} (TINYML_DEBUG=1 shows the traceback)", file=sys.stderr)
         sys.exit(1)
+    sys.exit(rc if isinstance(rc, int) else 0)
