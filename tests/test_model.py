@@ -145,3 +145,22 @@ def test_adapter_model_round_trip_identical_logits(tiny_cfg, shapes, tmp_path, m
         with back.llm.disable_adapter():  # and the adapters matter, so the comparison above means something
             assert not torch.allclose(back(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]), ref,
                                       atol=1e-3)
+
+
+def test_4bit_llm_with_odd_widths_runs_inference_on_cpu(tmp_path, tiny):
+    """bitsandbytes' fast CPU kernel fails on widths that are not multiples of 32 / 64; load_llm routes such
+    layers to its general kernel, so any model loaded in 4-bit evaluates."""
+    from transformers import AutoTokenizer, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    from tinyml_cli.model import load_llm
+    tok = AutoTokenizer.from_pretrained(tiny / "llm")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=176, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "odd")
+    tok.save_pretrained(tmp_path / "odd")
+    llm, _ = load_llm(str(tmp_path / "odd"), quantization_config=BitsAndBytesConfig(load_in_4bit=True,
+                                                                                     bnb_4bit_compute_dtype=torch.float32))
+    assert llm.is_loaded_in_4bit
+    llm.eval()
+    with torch.no_grad():
+        logits = llm(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
+    assert logits.shape == (1, 4, len(tok)) and torch.isfinite(logits).all()

@@ -83,7 +83,7 @@ def sft(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
         json_mode: bool = JsonOpt,
         resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the output folder."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in the output folder.")):
-    """Stage 2: supervised fine-tuning on conversations, loss on assistant tokens only (full, freeze or LoRA).
+    """Stage 2: supervised fine-tuning on conversations, loss on assistant tokens only (full, freeze, LoRA or QLoRA).
 
     Example: tinyml sft -c tiny_sft -o runs/sft --set train.max_steps=500
     """

@@ -135,8 +135,20 @@ def load_llm(ident: str, trust_remote_code: bool = False, dtype=None, attn_imple
     quant = {"quantization_config": quantization_config} if quantization_config is not None else {}
     llm = _hf_load(AutoModelForCausalLM.from_pretrained, ident, "LLM", dtype=dtype, use_safetensors=True,
                    trust_remote_code=trust_remote_code, attn_implementation=attn_implementation, **quant)
+    _fit_4bit_cpu_kernels(llm)
     prepare_tokenizer(tok, llm)
     return llm, tok
+
+
+def _fit_4bit_cpu_kernels(llm) -> None:
+    """bitsandbytes' fast CPU 4-bit inference kernel fails on layers whose output width is not a multiple of 32
+    or whose input width is not a multiple of the quantization block; those layers take its general kernel."""
+    if not getattr(llm, "is_loaded_in_4bit", False):
+        return
+    for m in llm.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu") and (
+                m.out_features % 32 or m.in_features % getattr(m.weight, "blocksize", 64)):
+            m.support_avx512bf16_for_cpu = False
 
 
 def prepare_tokenizer(tok, llm) -> None:

@@ -1,7 +1,7 @@
 """pretrain-align and sft: supervised training of the parts a recipe names, on image conversations.
 
 pretrain-align is stage 1 of the LLaVA / TinyLLaVA "base" recipe (connector only, on captions); sft is
-stage 2 (multi-turn conversations, loss on assistant tokens only), full, freeze or LoRA.
+stage 2 (multi-turn conversations, loss on assistant tokens only), full, freeze, LoRA or QLoRA.
 """
 
 from __future__ import annotations
