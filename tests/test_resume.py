@@ -22,7 +22,7 @@ def _sft(tiny, shapes, out, *extra, resume=False):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["freeze", "lora", "qlora"])
+@pytest.mark.parametrize("method", ["full", "freeze", "lora", "qlora"])
 def test_sigkill_then_resume_matches_uninterrupted(tiny, shapes, tmp_path, method):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     extra = ["--set", f"peft.method={method}"]
@@ -47,6 +47,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny, shapes, tmp_path, metho
     assert resumed.returncode == 0, resumed.stderr
     files = ["connector.safetensors"] + (["llm_adapter/adapter_model.safetensors"] if method in ("lora", "qlora")
                                          else ["llm/model.safetensors"])
+    if method == "full":
+        files.append("vision/model.safetensors")
     for f in files:
         a, b = load_file(tmp_path / "full" / f), load_file(tmp_path / "killed" / f)
         assert a.keys() == b.keys()
