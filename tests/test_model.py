@@ -118,7 +118,7 @@ def test_remote_code_is_off_by_default():
     assert RunConfig().model.trust_remote_code is False
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "dora", "ia3"])
 def test_adapter_model_round_trip_identical_logits(tiny_cfg, shapes, tmp_path, method):
     """A (Q)LoRA folder reloads with the base weights it trained on: peft's wrapped layers are not saved."""
     from tinyml_cli.model import build_model
@@ -127,10 +127,10 @@ def test_adapter_model_round_trip_identical_logits(tiny_cfg, shapes, tmp_path, m
     torch.manual_seed(0)
     model = build_model(cfg.model, quantization_config=quantization_config(cfg, torch.float32))
     configure_trainable(model, cfg)
-    with torch.no_grad():  # lora_B starts at zero: make the adapters do something
+    with torch.no_grad():  # lora_B starts at zero and IA3 vectors at one: make the adapters do something
         for n, p in model.llm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
+            if "lora_B" in n or "ia3_l" in n:
+                p.normal_(1.0 if "ia3_l" in n else 0.0, 0.5)
     batch, _ = _batch(model, shapes)
     # Saved before any eval-mode forward, as after training: bitsandbytes repacks 4-bit weights for its CPU
     # inference kernel on the first such forward, and unpacking them again for a save is not exact.

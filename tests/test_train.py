@@ -163,3 +163,33 @@ def test_qlora_trains_adapters_over_a_frozen_4bit_llm(tiny_cfg, tmp_path):
     assert hasattr(loaded.llm, "peft_config")
     metrics, _ = evaluate_model(loaded, cfg.data.eval, cfg)
     assert 0.0 <= metrics["vqa_accuracy"] <= 1.0 and metrics["n"] > 0
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+def test_peft_methods_train_exactly_their_analytic_parameter_count(tiny_cfg, method):
+    from tinyml_cli.model import build_model, count_params
+    from tinyml_cli.sft import configure_trainable
+    cfg = tiny_cfg(f"peft.method={method}", "peft.r=4", "train.parts=[]")
+    model = build_model(cfg.model)
+    c = model.llm.config
+    h, f, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    linears = [(h, h), (h, kv), (h, kv), (h, h), (h, f), (h, f), (f, h)]  # q k v o gate up down: (in, out)
+    per_layer = {"lora": sum(4 * (i + o) for i, o in linears),
+                 "dora": sum(4 * (i + o) + o for i, o in linears),  # + one magnitude per output row
+                 "ia3": kv + kv + f}  # k and v outputs scaled, the MLP's down projection scaled on its input
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    configure_trainable(model, cfg)
+    assert count_params(model)[0] == per_layer[method] * c.num_hidden_layers
+    # the base weights are not trainable and were not touched by wrapping
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            key = n.replace("base_model.model.", "").replace(".base_layer", "")
+            assert key not in frozen or torch.equal(p, frozen[key]), n
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+def test_dora_and_ia3_lower_the_loss(tiny_cfg, tmp_path, method):
+    cfg = tiny_cfg(f"peft.method={method}", "peft.r=4", "train.parts=[]", "train.lr=1e-2", "train.max_steps=8")
+    r = run_sft(cfg, tmp_path / method, "sft")
+    assert r["metrics"]["loss_last"] < r["metrics"]["loss_first"]
+    assert (tmp_path / method / "llm_adapter" / "adapter_model.safetensors").is_file()

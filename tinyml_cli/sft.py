@@ -1,7 +1,7 @@
 """pretrain-align and sft: supervised training of the parts a recipe names, on image conversations.
 
 pretrain-align is stage 1 of the LLaVA / TinyLLaVA "base" recipe (connector only, on captions); sft is
-stage 2 (multi-turn conversations, loss on assistant tokens only), full, freeze, LoRA or QLoRA.
+stage 2 (multi-turn conversations, loss on assistant tokens only), full, freeze or a peft method.
 """
 
 from __future__ import annotations
@@ -37,15 +37,19 @@ def configure_trainable(model, cfg: RunConfig) -> None:
     if method == "full":
         model.requires_grad_(True)
         return
-    if method not in ("freeze", "lora", "qlora"):
-        raise UserError(f"peft.method '{method}' is not available (choose full, freeze, lora or qlora)")
-    if method in ("lora", "qlora"):
-        from peft import LoraConfig, get_peft_model
+    if method not in ("freeze", "lora", "qlora", "dora", "ia3"):
+        raise UserError(f"peft.method '{method}' is not available (choose full, freeze, lora, qlora, dora or ia3)")
+    if method != "freeze":
+        from peft import IA3Config, LoraConfig, get_peft_model
         targets = cfg.peft.target_modules
-        lcfg = LoraConfig(r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
-                          target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
-                          task_type="CAUSAL_LM")
-        model.llm = get_peft_model(model.llm, lcfg)
+        targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
+        if method == "ia3":  # learned rescaling vectors; peft's defaults pick attention k/v and the MLP output
+            pcfg = IA3Config(task_type="CAUSAL_LM", **({} if targets == "all-linear" else
+                                                       {"target_modules": targets, "feedforward_modules": []}))
+        else:
+            pcfg = LoraConfig(r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
+                              target_modules=targets, use_dora=method == "dora", task_type="CAUSAL_LM")
+        model.llm = get_peft_model(model.llm, pcfg)
         parts.discard("llm")  # the adapters train, not the base weights
     if "connector" in parts:
         model.connector.requires_grad_(True)
