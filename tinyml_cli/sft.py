@@ -24,7 +24,7 @@ def encoder_layers(module):
 
 
 def configure_trainable(model, cfg: RunConfig) -> None:
-    """Set requires_grad from peft.method and train.parts; with (Q)LoRA the LLM gets peft adapters.
+    """Set requires_grad from peft.method and train.parts; with a peft method the LLM gets peft adapters.
 
     For qlora the LLM was loaded in 4-bit (see `quantization_config`); the adapters train in full precision
     over the frozen quantized weights.
@@ -43,7 +43,7 @@ def configure_trainable(model, cfg: RunConfig) -> None:
         from peft import IA3Config, LoraConfig, get_peft_model
         targets = cfg.peft.target_modules
         targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
-        if method == "ia3":  # learned rescaling vectors; peft's defaults pick attention k/v and the MLP output
+        if method == "ia3":  # learned scaling vectors; peft's defaults: attention k / v and the MLP's down projection
             pcfg = IA3Config(task_type="CAUSAL_LM", **({} if targets == "all-linear" else
                                                        {"target_modules": targets, "feedforward_modules": []}))
         else:

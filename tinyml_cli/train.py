@@ -1,7 +1,8 @@
 """One training loop for every objective, on accelerate: devices, mixed precision, multi-process, resume.
 
-An objective is a `step_fn(model, batch) -> (loss, n_tokens, metrics)`, its loss a mean over n_tokens units. Data order is a seeded permutation
-per epoch, so a run resumed from a checkpoint sees exactly the batches an uninterrupted run would.
+An objective is a `step_fn(model, batch) -> (loss, n_tokens, metrics)`, its loss a mean over n_tokens units.
+Data order is a seeded permutation per epoch, so a run resumed from a checkpoint sees exactly the batches an
+uninterrupted run would.
 Checkpoints (trainable weights, optimizer, scheduler, RNG, step) are written to a temporary folder and
 renamed into place, so a half-written one is never taken as the latest.
 """
@@ -128,9 +129,8 @@ def train(model, examples: list, collate, step_fn, tcfg, out_dir: Path, resume: 
     from accelerate import Accelerator
     from transformers import get_scheduler
 
-    process_state()  # sets up the process group first, on CPU too
     acc = accelerator or Accelerator(mixed_precision=mixed_precision(tcfg.mixed_precision),
-                                     cpu=not torch.cuda.is_available())
+                                     cpu=not torch.cuda.is_available())  # see process_state
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("nothing to train: the recipe leaves every parameter frozen")
