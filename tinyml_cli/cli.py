@@ -116,7 +116,8 @@ def eval_(model_dir: Path = typer.Argument(..., help="A tinyml model folder (the
 def generate(model_dir: Path = typer.Argument(..., help="A tinyml model folder."),
              prompt: str = typer.Option(..., "--prompt", "-p", help="The question or instruction."),
              image: Optional[Path] = typer.Option(None, "--image", "-i", help="An image file."),
-             config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, json_mode: bool = JsonOpt):
+             config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, json_mode: bool = JsonOpt,
+             delta: Optional[List[Path]] = typer.Option(None, "--delta", help="A BitDelta folder to serve over MODEL_DIR as base (repeatable: one answer per delta).")):
     """Answer a prompt about an image (greedy by default; --set gen.temperature=0.7 samples).
 
     Example: tinyml generate runs/sft --image runs/shapes/images/003000.png --prompt "What color is the circle?"
@@ -124,11 +125,17 @@ def generate(model_dir: Path = typer.Argument(..., help="A tinyml model folder."
     from . import ui
     from .evaluate import run_generate
     ui.quiet_libraries()
-    result = run_generate(str(model_dir), str(image) if image else None, prompt, _config(config, set_))
+    img = str(image) if image else None
+    if delta:
+        from .bitdelta_run import run_generate_deltas
+        result = run_generate_deltas(model_dir, delta, img, prompt, _config(config, set_))
+    else:
+        result = run_generate(str(model_dir), img, prompt, _config(config, set_))
     if json_mode:
         ui.emit(result, True)
     else:
-        typer.echo(result["answer"])
+        typer.echo("\n".join(f"{a['delta']}: {a['answer']}" for a in result["answers"]) if delta and len(delta) > 1
+                   else result["answer"])
 
 
 @app.command("build-tiny")
@@ -210,6 +217,55 @@ def demo(output_dir: Path = typer.Option(Path("runs/demo"), "--output-dir", "-o"
     ui.quiet_libraries()
     result = run_demo(output_dir, ui.console(json_mode), quick=quick)
     ui.emit(result, json_mode)
+
+
+bitdelta_app = typer.Typer(help="BitDelta: a fine-tuned model as 1-bit weight deltas over its base.", no_args_is_help=True)
+app.add_typer(bitdelta_app, name="bitdelta")
+
+
+@bitdelta_app.command("compress")
+def bitdelta_compress(base: Path = typer.Argument(..., help="The base tinyml model folder (e.g. the pretrain-align run)."),
+                      finetuned: Path = typer.Argument(..., help="The fine-tuned tinyml model folder (e.g. the sft run)."),
+                      output_dir: Path = typer.Argument(..., help="Where the delta folder goes."),
+                      config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, json_mode: bool = JsonOpt,
+                      resume: bool = typer.Option(False, "--resume", help="Continue scale distillation from the latest checkpoint."),
+                      overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing delta in the output folder.")):
+    """Sign bits + one scale per linear weight of FINETUNED - BASE, scales distilled on data.train (train.* keys).
+
+    Calibration and held-out data default to the fine-tuned run's data.train / data.eval.
+
+    Example: tinyml bitdelta compress runs/align runs/sft runs/sft-delta --json
+    """
+    from . import ui
+    from .bitdelta_run import compress_config, run_compress
+    ui.quiet_libraries()
+    cfg = compress_config(config, set_, finetuned)
+    _prepare_output(output_dir, resume, overwrite)
+    with ui.training_bar(ui.console(json_mode), "scale distillation") as bar:
+        result = run_compress(cfg, base, finetuned, output_dir, resume=resume, progress=bar)
+    ui.emit(result, json_mode)
+
+
+@bitdelta_app.command("apply")
+def bitdelta_apply(base: Path = typer.Argument(..., help="The base tinyml model folder the delta was made from."),
+                   delta: Path = typer.Argument(..., help="A delta folder (from bitdelta compress)."),
+                   output_dir: Path = typer.Argument(..., help="Where the merged tinyml model folder goes."),
+                   json_mode: bool = JsonOpt,
+                   overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model in the output folder.")):
+    """Merge BASE + DELTA (W_base + scale * sign) into an ordinary tinyml model folder.
+
+    Example: tinyml bitdelta apply runs/align runs/sft-delta runs/sft-bitdelta
+    """
+    import shutil
+
+    from . import ui
+    from .bitdelta_run import run_apply
+    ui.quiet_libraries()
+    if (output_dir / "tinyml_model.json").exists():
+        if not overwrite:
+            raise UserError(f"{output_dir} already holds a model: pass --overwrite to replace it")
+        shutil.rmtree(output_dir)
+    ui.emit(run_apply(base, delta, output_dir), json_mode)
 
 
 def version_callback(value: bool):

@@ -117,9 +117,16 @@ def run_eval(model_dir: str, cfg, out_dir: str | Path | None, progress=None) -> 
 
 
 def run_generate(model_dir: str, image: str | None, prompt: str, cfg) -> dict:
-    from .data import Encoder, Example
     from .model import load_model, resolve_dtype
     model = load_model(model_dir, dtype=resolve_dtype(cfg.model.dtype), trust_remote_code=cfg.model.trust_remote_code)
+    answer, n_tokens = answer_prompt(model, image, prompt, cfg)
+    return {"command": "generate", "output_dir": None, "metrics": {"prompt_tokens": n_tokens},
+            "artifacts": {}, "answer": answer}
+
+
+def answer_prompt(model, image: str | None, prompt: str, cfg) -> tuple[str, int]:
+    """A loaded model's answer to one prompt (about one image or none), and the prompt's token count."""
+    from .data import Encoder, Example
     if image and "<image>" not in prompt:
         prompt = "<image>\n" + prompt
     imgs = []
@@ -133,6 +140,4 @@ def run_generate(model_dir: str, image: str | None, prompt: str, cfg) -> dict:
         ids, labels = enc.encode([{"role": "user", "content": prompt}], len(imgs), for_generation=True)
     except ValueError as e:
         raise UserError(str(e)) from None
-    answer = answers_for(model, [Example(ids, labels, imgs)], cfg.gen)[0]
-    return {"command": "generate", "output_dir": None, "metrics": {"prompt_tokens": len(ids)},
-            "artifacts": {}, "answer": answer}
+    return answers_for(model, [Example(ids, labels, imgs)], cfg.gen)[0], len(ids)
