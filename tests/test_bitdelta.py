@@ -214,3 +214,88 @@ def test_scale_distillation_lowers_kl_on_a_toy_model(tmp_path):
     assert kl1 < 0.9 * kl0, (kl0, kl1)
     assert moved != [float(delta.scales[n]) for n in wrappers]  # the scales trained, nothing else did
     assert (tmp_path / "metrics.jsonl").is_file()
+
+
+# ------------------------------------------------------------------------------- the tiny LMM, the CLI
+@pytest.fixture(scope="module")
+def base_and_ft(tiny_model, tiny_cfg, tmp_path_factory):
+    """A base folder and a fine-tuned one: LoRA on the LLM (merged by BitDelta), vision and connector trained."""
+    from tinyml_cli.sft import run_sft
+    root = tmp_path_factory.mktemp("bitdelta")
+    tiny_model.save(root / "base")
+    run_sft(tiny_cfg(f"model.init_from={root / 'base'}", "peft.method=lora", "train.parts=[connector,vision]",
+                     "train.lr=1e-2"), root / "ft", "sft")
+    return root / "base", root / "ft"
+
+
+def test_tiny_lmm_delta_covers_llm_vision_connector_and_serves_like_the_merged_model(base_and_ft, shapes):
+    from tinyml_cli.bitdelta import load_full_precision
+    from tinyml_cli.data import Collator, Encoder, ImageLoader, load_examples
+    base_dir, ft_dir = base_and_ft
+    base, ft = load_full_precision(base_dir), load_full_precision(ft_dir)
+    assert not hasattr(ft.llm, "peft_config")  # the LoRA adapter was merged into the weights
+    delta = compress(base, ft)
+    parts = {n.split(".")[0] for n in delta.signs}
+    assert parts == {"llm", "vision", "connector"}
+    assert "llm.lm_head" not in delta.signs and not any("embed_tokens" in k for k in delta.full)
+    assert delta.sizes()["ratio"] > 10
+    enc = Encoder(base.tokenizer, base.num_image_tokens, 160)
+    ex = load_examples(shapes / "eval.jsonl", enc)[0][:4]
+    batch = Collator(base.tokenizer.pad_token_id, ImageLoader(base.image_processor))(ex)
+    batch.pop("labels")
+    merged = apply_delta(load_full_precision(base_dir), delta)
+    with torch.no_grad(), delta_attached(base, delta):
+        assert torch.allclose(base(**batch), merged(**batch), atol=1e-4)
+
+
+def test_bitdelta_help_has_examples():
+    from test_cli import tinyml
+    for cmd in ("compress", "apply"):
+        r = tinyml("bitdelta", cmd, "--help")
+        assert r.returncode == 0 and "Example: tinyml bitdelta" in r.stdout
+    r = tinyml("generate", "--help")
+    assert "--delta" in r.stdout
+
+
+def test_apply_of_a_non_delta_folder_is_exit_2(tmp_path):
+    from test_cli import tinyml
+    r = tinyml("bitdelta", "apply", tmp_path, tmp_path, tmp_path / "out")
+    assert r.returncode == 2 and "not a BitDelta folder" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_bitdelta_cli_end_to_end(base_and_ft, shapes, tmp_path):
+    from safetensors.torch import load_file
+    from test_cli import one_json, tinyml
+
+    from tinyml_cli.model import load_model
+    base_dir, ft_dir = base_and_ft
+    out = tmp_path / "delta"
+    # calibration / held-out data come from the fine-tuned run's own config.yaml
+    r = tinyml("bitdelta", "compress", base_dir, ft_dir, out, "--set", "train.max_steps=3", "--json")
+    assert r.returncode == 0, r.stderr
+    res = one_json(r.stdout)
+    m = res["metrics"]
+    assert res["command"] == "bitdelta compress" and res["output_dir"] == str(out)
+    assert m["ratio"] > 10 and m["steps"] == 3
+    for k in ("kl_initial", "kl_distilled", "vqa_accuracy_initial", "vqa_accuracy_distilled", "vqa_accuracy_finetuned"):
+        assert k in m, k
+    assert m["kl_initial"] > 0 and 0 <= m["vqa_accuracy_distilled"] <= 1
+    for f in ("bitdelta.json", "signs.safetensors", "scales.safetensors", "full.safetensors", "config.yaml",
+              "metrics.jsonl"):
+        assert (out / f).is_file(), f
+
+    r = tinyml("bitdelta", "apply", base_dir, out, tmp_path / "merged", "--json")
+    assert r.returncode == 0, r.stderr
+    merged, base = load_model(tmp_path / "merged"), load_model(base_dir)
+    signs, scales = load_file(str(out / "signs.safetensors")), load_file(str(out / "scales.safetensors"))
+    name = "llm.model.layers.0.self_attn.q_proj"
+    w0 = base.get_submodule(name).weight
+    assert torch.equal(merged.get_submodule(name).weight, w0 + scales[name] * unpack_signs(signs[name], w0.shape))
+
+    img = shapes / "images" / "000000.png"
+    r = tinyml("generate", base_dir, "--delta", out, "--delta", out, "--image", img,
+               "--prompt", "What color is the circle?", "--json")
+    assert r.returncode == 0, r.stderr
+    answers = one_json(r.stdout)["answers"]
+    assert len(answers) == 2 and answers[0]["answer"] == answers[1]["answer"]
