@@ -53,6 +53,41 @@ class _ImageEncoder(nn.Module):
         return self.lmm.encode_images(pixel_values)
 
 
+class _PatchMatMul(nn.Module):
+    """A ViT patch embedding (Conv2d with stride = kernel, no padding) as patchify + one matrix product.
+
+    The same function, written as a MatMul so that the int4 quantizer (MatMulNBits) also takes this weight: it is
+    a large share of a small vision tower, and a Conv stays fp32.
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.p, self.out = conv.kernel_size[0], conv.out_channels
+        self.linear = nn.Linear(conv.in_channels * self.p * self.p, self.out, bias=conv.bias is not None)
+        self.linear.weight.data = conv.weight.detach().reshape(self.out, -1).clone()
+        if conv.bias is not None:
+            self.linear.bias.data = conv.bias.detach().clone()
+        self.linear.to(conv.weight.dtype)
+
+    @property
+    def weight(self):  # the embeddings read the conv's dtype from it
+        return self.linear.weight
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        p = self.p
+        x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+        return self.linear(x).reshape(b, h // p, w // p, self.out).permute(0, 3, 1, 2)
+
+
+def _patch_convs_as_matmuls(vision: nn.Module) -> None:
+    for name, mod in list(vision.named_modules()):
+        if (isinstance(mod, nn.Conv2d) and mod.kernel_size == mod.stride and mod.kernel_size[0] == mod.kernel_size[1]
+                and mod.padding in (0, (0, 0), "valid") and mod.groups == 1 and mod.dilation == (1, 1)):
+            parent, _, child = name.rpartition(".")
+            setattr(vision.get_submodule(parent) if parent else vision, child, _PatchMatMul(mod))
+
+
 class _Embed(nn.Module):
     def __init__(self, embedding):
         super().__init__()
@@ -105,6 +140,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32") -> 
         raise UserError(f"unknown connector {model.spec['connector']}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _patch_convs_as_matmuls(model.vision)
     llm = model.base_llm()
     proc = model.image_processor
     size = proc.size
