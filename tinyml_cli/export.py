@@ -195,3 +195,56 @@ def copy_runner_files(src: str | Path, dst: str | Path) -> None:
     for f in Path(src).iterdir():
         if f.is_file() and f.suffix != ".onnx" and not f.name.endswith(".onnx.data"):
             shutil.copy2(f, Path(dst) / f.name)
+
+
+def export_hf_llava(model_dir: str | Path, out: str | Path) -> dict:
+    """A transformers `LlavaForConditionalGeneration` folder (weights, tokenizer, image processor, processor)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    model = load_merged(model_dir)
+    spec = model.spec
+    if spec["connector"] not in ("linear", "mlp2x_gelu"):
+        raise UserError(f"--format hf-llava needs an MLP connector (linear or mlp2x_gelu), not {spec['connector']}")
+    llm = model.base_llm()
+    out = Path(out)
+    cls_token = model.vision.config.model_type.startswith("clip")  # CLIP's CLS token is dropped ("default")
+    cfg = LlavaConfig(vision_config=model.vision.config.to_dict(), text_config=llm.config.to_dict(),
+                      image_token_index=model.image_token_id, image_seq_length=model.num_image_tokens,
+                      projector_hidden_act="gelu" if spec["connector"] == "mlp2x_gelu" else "linear",
+                      vision_feature_select_strategy="default" if cls_token else "full",
+                      vision_feature_layer=spec["vision_feature_layer"], multimodal_projector_bias=True,
+                      tie_word_embeddings=llm.config.tie_word_embeddings)
+    llava = LlavaForConditionalGeneration(cfg).eval()
+    proj = model.connector.proj
+    first, second = proj[0], (proj[2] if len(proj) > 1 else None)
+    if second is None:  # linear connector: LLaVA's second projection is the identity, its activation "linear"
+        second = nn.Linear(first.out_features, first.out_features)
+        nn.init.eye_(second.weight), nn.init.zeros_(second.bias)
+    state = {f"model.vision_tower.{k}": v for k, v in model.vision.state_dict().items()}
+    state |= {f"model.multi_modal_projector.linear_1.{k}": v for k, v in first.state_dict().items()}
+    state |= {f"model.multi_modal_projector.linear_2.{k}": v for k, v in second.state_dict().items()}
+    state |= {f"model.language_model.{k}": v for k, v in llm.get_decoder().state_dict().items()}
+    state |= {f"lm_head.{k}": v for k, v in llm.get_output_embeddings().state_dict().items()}
+    missing, unexpected = llava.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (cfg.tie_word_embeddings and k.startswith("lm_head"))]
+    if missing or unexpected:
+        raise RuntimeError(f"LLaVA weights do not map: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    llava.save_pretrained(out)
+    model.tokenizer.save_pretrained(out)
+    model.image_processor.save_pretrained(out)
+    return {"bytes": sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")}
+
+
+def llava_max_logit_diff(model_dir: str | Path, llava_dir: str | Path, examples: list) -> float:
+    """Largest |logit| difference between tinyml's model and the LLaVA checkpoint on encoded prompts."""
+    from transformers import LlavaForConditionalGeneration
+
+    from .data import Collator, ImageLoader
+    model = load_merged(model_dir)
+    llava = LlavaForConditionalGeneration.from_pretrained(str(llava_dir), dtype=torch.float32).eval()
+    batch = Collator(model.tokenizer.pad_token_id, ImageLoader(model.image_processor))(examples)
+    with torch.no_grad():
+        ours = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"))
+        theirs = llava(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch.get("pixel_values")).logits
+    keep = batch["attention_mask"].bool()
+    return float((ours - theirs).abs()[keep].max())
