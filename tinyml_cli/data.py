@@ -11,10 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from . import UserError
-from .model import IMAGE_TOKEN
+from . import IMAGE_TOKEN, UserError
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -266,7 +263,8 @@ class ImageLoader:
     def __init__(self, processor, cache_bytes: int = 512 << 20):
         self.processor, self.cache, self.budget = processor, {}, cache_bytes
 
-    def __call__(self, paths: list[Path]) -> torch.Tensor:
+    def __call__(self, paths: list[Path]):
+        import torch  # imported here: reading and encoding records must not need torch (the ONNX runner)
         todo = [p for p in dict.fromkeys(paths) if p not in self.cache]
         fresh = {}
         if todo:
@@ -292,6 +290,7 @@ class Collator:
         self.pad_id, self.images, self.left = pad_id, images, left_pad
 
     def __call__(self, batch: list[Example]) -> dict:
+        import torch
         n = max(len(e.input_ids) for e in batch)
         ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
         labels = torch.full((len(batch), n), -100, dtype=torch.long)

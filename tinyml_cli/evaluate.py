@@ -94,8 +94,6 @@ def evaluate_model(model, path: str, cfg, progress=None) -> tuple[dict, list[dic
 
 
 def run_eval(model_dir: str, cfg, out_dir: str | Path | None, progress=None) -> dict:
-    import json
-
     from .model import load_model, resolve_dtype
     t0 = time.time()
     if not cfg.data.eval:
@@ -103,17 +101,22 @@ def run_eval(model_dir: str, cfg, out_dir: str | Path | None, progress=None) -> 
     model = load_model(model_dir, dtype=resolve_dtype(cfg.model.dtype), trust_remote_code=cfg.model.trust_remote_code)
     metrics, rows = evaluate_model(model, cfg.data.eval, cfg, progress)
     metrics["seconds"] = time.time() - t0
-    artifacts = {}
-    if out_dir:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        (out / "eval_metrics.json").write_text(json.dumps(metrics, indent=2))
-        artifacts = {"predictions": str(out / "predictions.jsonl"), "metrics": str(out / "eval_metrics.json")}
     return {"command": "eval", "output_dir": str(out_dir) if out_dir else None, "metrics": metrics,
-            "artifacts": artifacts}
+            "artifacts": write_eval(out_dir, rows, metrics)}
+
+
+def write_eval(out_dir: str | Path | None, rows: list[dict], metrics: dict) -> dict:
+    """predictions.jsonl and eval_metrics.json in out_dir (if given); returns their paths."""
+    import json
+    if not out_dir:
+        return {}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    (out / "eval_metrics.json").write_text(json.dumps(metrics, indent=2))
+    return {"predictions": str(out / "predictions.jsonl"), "metrics": str(out / "eval_metrics.json")}
 
 
 def run_generate(model_dir: str, image: str | None, prompt: str, cfg) -> dict:

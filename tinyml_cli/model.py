@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import UserError
+from . import IMAGE_TOKEN, UserError  # noqa: F401 - IMAGE_TOKEN is re-exported
 
-IMAGE_TOKEN = "<image>"
 DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
     "{% if m['role'] == 'system' %}<|system|>{{ m['content'] }}<|end|>"

@@ -1,0 +1,76 @@
+"""The edge flow: export -> ONNX greedy parity -> int4 -> eval -> hf-llava logits, as demo metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def torch_greedy_tokens(model, examples: list, max_new_tokens: int, batch_size: int = 64) -> list[list[int]]:
+    """PyTorch greedy tokens of each prompt (as `evaluate.answers_for` makes them), up to and including EOS."""
+    import torch
+
+    from .data import Collator, ImageLoader
+    model.eval()
+    collate = Collator(model.tokenizer.pad_token_id, ImageLoader(model.image_processor), left_pad=True)
+    eos = model.tokenizer.eos_token_id
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    found = {}
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        batch = collate([examples[i] for i in idx])
+        batch.pop("labels")
+        with torch.no_grad():
+            new = model.generate(**batch, max_new_tokens=max_new_tokens)
+        for i, seq in zip(idx, new.tolist()):
+            found[i] = seq[:seq.index(eos) + 1] if eos in seq else seq
+    return [found[i] for i in range(len(examples))]
+
+
+def edge_demo_metrics(model_dir: str | Path, eval_file: str | Path, out_dir: str | Path, cfg=None,
+                      block_size: int = 32, symmetric: bool = False, llava_prompts: int = 16) -> dict:
+    """Export a trained model and measure what the edge path keeps, on the held-out prompts of `eval_file`:
+
+    - `onnx_greedy_match`: fraction of prompts whose fp32 ONNX greedy tokens equal PyTorch's;
+    - `int4_size_ratio`: bytes of the int4 export over the fp32 export (all graphs);
+    - `vqa_accuracy_torch` / `vqa_accuracy_onnx` / `vqa_accuracy_int4`: held-out accuracy of each;
+    - `hf_llava_max_logit_diff`: largest logit difference of the transformers LLaVA checkpoint (MLP connectors).
+    Writes `onnx/`, `onnx-int4/` and `hf-llava/` under out_dir.
+    """
+    import time
+
+    from .config import load_config
+    from .evaluate import eval_examples, score
+    from .export import export_hf_llava, export_onnx, llava_max_logit_diff, load_merged
+    from .onnx_runner import OnnxLMM, greedy_tokens
+    from .quantize import quantize_onnx
+    t0 = time.time()
+    cfg = cfg or load_config(None)
+    cfg.data.eval = str(eval_file)
+    out = Path(out_dir)
+    n_new = cfg.gen.max_new_tokens
+
+    model = load_merged(model_dir)
+    examples = eval_examples(model, cfg.data.eval, cfg)
+    ref = torch_greedy_tokens(model, examples, n_new, cfg.gen.batch_size)
+    decode = model.tokenizer.decode
+    torch_acc = score(examples, [decode(t, skip_special_tokens=True).strip() for t in ref])["vqa_accuracy"]
+
+    export_onnx(model_dir, out / "onnx")
+    fp32 = OnnxLMM(out / "onnx")
+    onnx_tokens = greedy_tokens(fp32, examples, n_new, cfg.gen.batch_size)
+    match = sum(a == b for a, b in zip(ref, onnx_tokens)) / len(ref)
+    onnx_acc = score(examples, fp32.answers(examples, cfg.gen))["vqa_accuracy"]
+
+    q = quantize_onnx(out / "onnx", out / "onnx-int4", block_size=block_size, symmetric=symmetric)
+    int4_acc = score(examples, OnnxLMM(out / "onnx-int4").answers(examples, cfg.gen))["vqa_accuracy"]
+
+    metrics = {"onnx_greedy_match": match, "onnx_prompts": len(ref), "int4_size_ratio": q["size_ratio"],
+               "int4_size_ratio_by_graph": q["size_ratio_by_graph"], "onnx_fp32_bytes": q["bytes_before"]["total"],
+               "onnx_int4_bytes": q["bytes_after"]["total"], "vqa_accuracy_torch": torch_acc,
+               "vqa_accuracy_onnx": onnx_acc, "vqa_accuracy_int4": int4_acc}
+    if model.spec["connector"] in ("linear", "mlp2x_gelu"):
+        export_hf_llava(model_dir, out / "hf-llava")
+        metrics["hf_llava_max_logit_diff"] = llava_max_logit_diff(model_dir, out / "hf-llava",
+                                                                  examples[:llava_prompts])
+    metrics["edge_seconds"] = time.time() - t0
+    return metrics
