@@ -24,6 +24,7 @@ app.add_typer(data_app, name="data")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML recipe: a file, or the name of a shipped recipe (tiny_sft).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe key: --set train.max_steps=100 (repeatable).")
+OnnxOpt = typer.Option(None, "--onnx", help="Run a `tinyml export` ONNX folder with onnxruntime alone (no torch).")
 JsonOpt = typer.Option(False, "--json", help="Print exactly one JSON object on stdout at the end (for scripts and CI).")
 
 
@@ -92,44 +93,57 @@ def sft(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
 
 
 @app.command("eval")
-def eval_(model_dir: Path = typer.Argument(..., help="A tinyml model folder (the output of a training command)."),
+def eval_(model_dir: Optional[Path] = typer.Argument(None, help="A tinyml model folder (the output of a training command)."),
           data: Optional[str] = typer.Option(None, "--data", "-d", help="Held-out data (default: data.eval of the recipe)."),
           config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
           output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Where predictions.jsonl and eval_metrics.json go."),
-          json_mode: bool = JsonOpt):
+          json_mode: bool = JsonOpt, onnx: Optional[Path] = OnnxOpt):
     """Exact-match VQA accuracy (overall and per question type) and POPE metrics for a saved model.
 
     Example: tinyml eval runs/sft --data runs/shapes/eval.jsonl --json
     """
     from . import ui
-    from .evaluate import run_eval
-    ui.quiet_libraries()
     cfg = _config(config, set_)
     if data:
         cfg.data.eval = data
+    if onnx:  # onnxruntime alone: torch is never imported
+        from .onnx_runner import run_eval_onnx
+        with ui.count_bar(ui.console(json_mode), "eval (onnx)") as bar:
+            return ui.emit(run_eval_onnx(onnx, cfg, output_dir, progress=bar), json_mode)
+    if model_dir is None:
+        raise UserError("give a MODEL_DIR or --onnx DIR")
+    from .evaluate import run_eval
+    ui.quiet_libraries()
     with ui.count_bar(ui.console(json_mode), "eval") as bar:
         result = run_eval(str(model_dir), cfg, output_dir, progress=bar)
     ui.emit(result, json_mode)
 
 
 @app.command()
-def generate(model_dir: Path = typer.Argument(..., help="A tinyml model folder."),
+def generate(model_dir: Optional[Path] = typer.Argument(None, help="A tinyml model folder."),
              prompt: str = typer.Option(..., "--prompt", "-p", help="The question or instruction."),
              image: Optional[Path] = typer.Option(None, "--image", "-i", help="An image file."),
              config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, json_mode: bool = JsonOpt,
-             delta: Optional[List[Path]] = typer.Option(None, "--delta", help="A BitDelta folder to serve over MODEL_DIR as base (repeatable: one answer per delta).")):
+             delta: Optional[List[Path]] = typer.Option(None, "--delta", help="A BitDelta folder to serve over MODEL_DIR as base (repeatable: one answer per delta)."),
+             onnx: Optional[Path] = OnnxOpt):
     """Answer a prompt about an image (greedy by default; --set gen.temperature=0.7 samples).
 
     Example: tinyml generate runs/sft --image runs/shapes/images/003000.png --prompt "What color is the circle?"
     """
     from . import ui
-    from .evaluate import run_generate
-    ui.quiet_libraries()
     img = str(image) if image else None
-    if delta:
+    if onnx:  # onnxruntime alone: torch is never imported
+        from .onnx_runner import run_generate_onnx
+        result = run_generate_onnx(onnx, img, prompt, _config(config, set_))
+    elif model_dir is None:
+        raise UserError("give a MODEL_DIR or --onnx DIR")
+    elif delta:
         from .bitdelta_run import run_generate_deltas
+        ui.quiet_libraries()
         result = run_generate_deltas(model_dir, delta, img, prompt, _config(config, set_))
     else:
+        from .evaluate import run_generate
+        ui.quiet_libraries()
         result = run_generate(str(model_dir), img, prompt, _config(config, set_))
     if json_mode:
         ui.emit(result, True)
@@ -266,6 +280,41 @@ def bitdelta_apply(base: Path = typer.Argument(..., help="The base tinyml model 
             raise UserError(f"{output_dir} already holds a model: pass --overwrite to replace it")
         shutil.rmtree(output_dir)
     ui.emit(run_apply(base, delta, output_dir), json_mode)
+
+
+@app.command()
+def export(model_dir: Path = typer.Argument(..., help="A trained tinyml model folder (LoRA adapters are merged first)."),
+           output_dir: Path = typer.Argument(..., help="Folder for the export."),
+           format: str = typer.Option("onnx", "--format", "-f", help="onnx (for onnxruntime) | hf-llava (transformers LlavaForConditionalGeneration)."),
+           dtype: str = typer.Option("fp32", "--dtype", help="ONNX weights and activations: fp32 | fp16."),
+           json_mode: bool = JsonOpt):
+    """Export a trained model: ONNX graphs (vision+connector, embeddings, KV-cache decoder) or a LLaVA checkpoint.
+
+    Example: tinyml export runs/sft runs/onnx --format onnx
+    """
+    from . import ui
+    from .edge import run_export
+    ui.quiet_libraries()
+    ui.emit(run_export(model_dir, output_dir, format, dtype), json_mode)
+
+
+@app.command()
+def quantize(source: Path = typer.Argument(..., help="An ONNX export (int4) or a tinyml model folder (nf4 / fp4 / int8)."),
+             output_dir: Path = typer.Argument(..., help="Folder for the quantized copy."),
+             method: str = typer.Option("int4", "--method", "-m", help="int4 (ONNX MatMulNBits) | nf4 | fp4 | int8 (bitsandbytes)."),
+             block_size: int = typer.Option(32, "--block-size", help="int4: input channels per quantization block."),
+             symmetric: bool = typer.Option(False, "--symmetric", help="int4: symmetric blocks (no zero points)."),
+             data: Optional[str] = typer.Option(None, "--data", "-d", help="Held-out data: evaluate before and after."),
+             config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, json_mode: bool = JsonOpt):
+    """Quantize a model and report file sizes and, with --data, the eval change against the unquantized model.
+
+    Example: tinyml quantize runs/onnx runs/onnx-int4 --block-size 32 --data runs/shapes/eval.jsonl
+    """
+    from . import ui
+    from .edge import run_quantize
+    if method != "int4":  # bitsandbytes goes through transformers; the int4 path stays torch-free
+        ui.quiet_libraries()
+    ui.emit(run_quantize(source, output_dir, method, block_size, symmetric, data, _config(config, set_)), json_mode)
 
 
 def version_callback(value: bool):

@@ -74,3 +74,56 @@ def edge_demo_metrics(model_dir: str | Path, eval_file: str | Path, out_dir: str
                                                                   examples[:llava_prompts])
     metrics["edge_seconds"] = time.time() - t0
     return metrics
+
+
+def run_export(model_dir: str | Path, out: str | Path, fmt: str = "onnx", dtype: str = "fp32") -> dict:
+    """`tinyml export`: the JSON summary of an ONNX or hf-llava export."""
+    import time
+
+    from . import UserError
+    from .export import export_hf_llava, export_onnx
+    from .model import is_model_dir
+    t0 = time.time()
+    if not is_model_dir(model_dir):
+        raise UserError(f"not a tinyml model folder (no tinyml_model.json): {model_dir}")
+    if fmt == "onnx":
+        sizes = export_onnx(model_dir, out, dtype)
+        metrics = {"bytes": sizes, "dtype": dtype}
+        artifacts = {k: str(Path(out) / f"{k}.onnx") for k in sizes if k != "total"}
+    elif fmt == "hf-llava":
+        if dtype != "fp32":
+            raise UserError("--format hf-llava saves fp32 weights (pass dtype= to from_pretrained to cast)")
+        metrics = export_hf_llava(model_dir, out)
+        artifacts = {"model": str(out)}
+    else:
+        raise UserError(f"--format must be onnx or hf-llava, got '{fmt}'")
+    metrics["seconds"] = time.time() - t0
+    return {"command": "export", "output_dir": str(out), "metrics": metrics, "artifacts": artifacts, "format": fmt}
+
+
+def run_quantize(src: str | Path, out: str | Path, method: str, block_size: int, symmetric: bool,
+                 data: str | None, cfg) -> dict:
+    """`tinyml quantize`: sizes before and after and, given held-out data, the accuracy of both."""
+    import time
+    t0 = time.time()
+    metrics: dict = {"method": method}
+    if data:
+        cfg.data.eval = data
+    if method == "int4":  # torch-free: the ONNX quantizer and runner
+        from .onnx_runner import run_eval_onnx
+        from .quantize import quantize_onnx
+        metrics |= quantize_onnx(src, out, block_size=block_size, symmetric=symmetric)
+        if data:
+            metrics["vqa_accuracy_before"] = run_eval_onnx(src, cfg)["metrics"]["vqa_accuracy"]
+            metrics["vqa_accuracy_after"] = run_eval_onnx(out, cfg)["metrics"]["vqa_accuracy"]
+    else:
+        from .evaluate import run_eval
+        from .quantize import quantize_bnb
+        metrics |= quantize_bnb(src, out, method)
+        if data:
+            metrics["vqa_accuracy_before"] = run_eval(str(src), cfg, None)["metrics"]["vqa_accuracy"]
+            metrics["vqa_accuracy_after"] = run_eval(str(out), cfg, None)["metrics"]["vqa_accuracy"]
+    if data:
+        metrics["vqa_accuracy_change"] = metrics["vqa_accuracy_after"] - metrics["vqa_accuracy_before"]
+    metrics["seconds"] = time.time() - t0
+    return {"command": "quantize", "output_dir": str(out), "metrics": metrics, "artifacts": {"model": str(out)}}
