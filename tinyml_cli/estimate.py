@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import UserError
@@ -102,11 +102,17 @@ def _numel(module, trainable_only=False) -> int:
 
 
 def param_counts(meta: MetaLMM) -> dict:
-    """Exact parameter counts per part (peft adapters included in the LLM) and the trainable total."""
-    counts = {"llm": _numel(meta.llm), "vision": _numel(meta.vision), "connector": _numel(meta.connector)}
+    """Exact parameter counts per part (the LLM without peft adapters, which are counted apart) and trainable."""
+    adapter = sum(p.numel() for n, p in meta.llm.named_parameters() if _is_adapter(n))
+    counts = {"llm": _numel(meta.llm) - adapter, "vision": _numel(meta.vision), "connector": _numel(meta.connector)}
     counts["total"] = sum(counts.values())
+    counts["adapters"] = adapter
     counts["trainable"] = sum(p.numel() for p in meta.parameters() if p.requires_grad)
     return counts
+
+
+def _is_adapter(name: str) -> bool:
+    return any(k in name for k in ("lora_", "ia3_"))
 
 
 def qlora_weight_bytes(numel: int, double_quant: bool) -> int:
@@ -149,7 +155,7 @@ class Setting:
     optimizer: str = "adamw"
     context: int = 2048  # inference: tokens in the KV cache per sequence
     kv_bytes: int = 2  # inference: KV cache element size (2: bf16 / fp16, 1: fp8)
-    extras: dict = field(default_factory=dict)
+    image_size: int = 0  # 0: the vision config's resolution
 
 
 def dtypes(cfg, device: str):
@@ -240,7 +246,6 @@ class Estimate:
 
 def estimate(cfg, setting: Setting, meta: MetaLMM | None = None) -> Estimate:
     """Bytes a training step (or inference with a KV cache) of this recipe needs on `setting.device`."""
-    import torch
     if setting.optimizer not in OPTIMIZERS:
         raise UserError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{setting.optimizer}'")
     cfg = copy.deepcopy(cfg)
@@ -251,11 +256,12 @@ def estimate(cfg, setting: Setting, meta: MetaLMM | None = None) -> Estimate:
     lcfg, vcfg = meta.lcfg, meta.vcfg
     weights = weight_bytes(meta, cfg.peft.method, cfg.peft.double_quant)
     params = param_counts(meta)
-    n_img, B, S = meta.num_image_tokens, setting.batch, setting.seq
+    num_patches = (setting.image_size // vcfg.patch_size) ** 2 if setting.image_size else meta.num_patches
+    n_img, B, S = meta.connector.num_tokens(num_patches), setting.batch, setting.seq
     if n_img >= S:
         raise UserError(f"data.max_length={S} leaves no text token after {n_img} image tokens")
     V, h, L = lcfg.vocab_size, lcfg.hidden_size, lcfg.num_hidden_layers
-    patches = B * (meta.num_patches + (vcfg.model_type.startswith("clip")))  # CLIP adds a CLS token
+    patches = B * (num_patches + (vcfg.model_type.startswith("clip")))  # CLIP adds a CLS token
     bd = {f"weights_{k}": v for k, v in weights.items()}
     detail = {"image_tokens": n_img, "dtype": str(wdtype).replace("torch.", ""), "activation_bytes": act,
               "device": setting.device, "mode": setting.mode}
@@ -278,7 +284,6 @@ def estimate(cfg, setting: Setting, meta: MetaLMM | None = None) -> Estimate:
     total = tensor + (CUDA_CONTEXT + int(ALLOCATOR_OVERHEAD * tensor) if setting.device == "cuda" else 0)
     detail["setting"] = {"batch": B, "seq": S, "checkpointing": setting.checkpointing,
                          "method": cfg.peft.method, "optimizer": setting.optimizer}
-    del torch
     return Estimate(params, bd, tensor, total, detail)
 
 
@@ -294,15 +299,15 @@ def _train_peak(cfg, setting, meta, bd, detail, act, patches, n_img) -> int:
         opt = 2 * grads
     else:  # bitsandbytes 8-bit AdamW: two 1-byte states plus an fp32 absmax per block of 256
         opt = 2 * n_train + 2 * 4 * math.ceil(n_train / 256)
-    llm_trains = any(p.requires_grad for n, p in meta.llm.named_parameters() if "lora_" not in n
-                     and "ia3_" not in n)
+    llm_trains = any(p.requires_grad for n, p in meta.llm.named_parameters() if not _is_adapter(n))
     per_layer = llm_layer_activations(cfg, lcfg, act, setting.device, llm_trains) * T
     detail["llm_layer_activation_bytes"] = per_layer
     vision_trains = any(p.requires_grad for p in meta.vision.parameters())
     vis = 0
     if vision_trains:  # a frozen vision tower upstream of everything that trains keeps nothing
         trained_layers = sum(1 for layer in _vision_layers(meta.vision) if any(p.requires_grad for p in layer.parameters()))
-        vis = trained_layers * patches * vision_layer_activations(vcfg, act) + B * 3 * vcfg.image_size ** 2 * 4
+        size = setting.image_size or vcfg.image_size
+        vis = trained_layers * patches * vision_layer_activations(vcfg, act) + B * 3 * size ** 2 * 4
         vis += patches * 4 * vcfg.hidden_size * act  # post-LayerNorm and SigLIP's pooling head
     conn_trains = any(p.requires_grad for p in meta.connector.parameters())
     ldim, vdim = lcfg.hidden_size, vcfg.hidden_size
@@ -418,3 +423,129 @@ def measure(cfg, steps: int = 2, device: str | None = None) -> dict:
         stats = train(model, examples, collate, sft_step, tcfg, Path(out))
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else tracker.peak
     return {"measured_bytes": int(peak), "device": device, "steps": steps, "loss": stats.get("loss_last")}
+
+
+# ------------------------------------------------------------------------------------ cards and advice
+def verdict(total_bytes: int, gib: float) -> str:
+    """fits (under 90 % of the card), tight (90-100 %: fragmentation or another process can tip it) or no."""
+    cap = gib * GIB
+    return "fits" if total_bytes <= 0.9 * cap else "tight" if total_bytes <= cap else "no"
+
+
+def gpu_table(total_bytes: int) -> list[dict]:
+    return [{"gpu": name, "gib": gib, "verdict": verdict(total_bytes, gib)} for name, gib in GPUS]
+
+
+def _variant(cfg, **sets):
+    cfg = copy.deepcopy(cfg)
+    for key, value in sets.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def largest_batch(cfg, setting: Setting, gib: float, meta=None, limit: int = 4096) -> int:
+    """The largest micro-batch whose estimate fits the card (0: not even one)."""
+    fits = lambda b: estimate(cfg, replace(setting, batch=b), meta).total_bytes <= 0.9 * gib * GIB  # noqa: E731
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def advice(cfg, setting: Setting, gib: float, meta=None) -> list[dict]:
+    """Single changes that lower memory, each with its new total and verdict on a `gib` card."""
+    out = []
+
+    def add(change, c, s, m=None):
+        e = estimate(c, s, m)
+        out.append({"change": change, "total_bytes": e.total_bytes, "verdict": verdict(e.total_bytes, gib)})
+
+    if setting.mode == "infer":
+        if setting.kv_bytes > 1:
+            add("KV cache in 8 bits", cfg, replace(setting, kv_bytes=1), meta)
+        add(f"context {setting.context // 2}", cfg, replace(setting, context=max(1, setting.context // 2)), meta)
+        return out
+    b = largest_batch(cfg, setting, gib, meta)
+    out.append({"change": f"largest batch that fits: {b}" if b else "no batch size fits as is",
+                "total_bytes": estimate(cfg, replace(setting, batch=b), meta).total_bytes if b else None,
+                "verdict": "fits" if b else "no"})
+    if not setting.checkpointing:
+        add("gradient checkpointing", cfg, replace(setting, checkpointing=True), meta)
+    if cfg.peft.method != "qlora":
+        add("qlora (4-bit LLM + LoRA)", _variant(cfg, peft__method="qlora"), setting)
+    if setting.optimizer == "adamw":
+        add("8-bit AdamW (bitsandbytes; estimator only, not a tinyml train option yet)", cfg,
+            replace(setting, optimizer="adamw8bit"), meta)
+    if setting.batch > 1:
+        add("batch 1 (raise train.grad_accum to keep the effective batch)", cfg, replace(setting, batch=1), meta)
+    n_img = (meta or MetaLMM(cfg, dtypes(cfg, setting.device)[0])).num_image_tokens
+    if setting.seq // 2 > n_img:
+        add(f"sequence {setting.seq // 2}", cfg, replace(setting, seq=setting.seq // 2), meta)
+    if n_img > 64 and cfg.model.connector != "resampler":
+        add("64 image tokens (connector resampler, 64 queries)",
+            _variant(cfg, model__connector="resampler", model__resampler_queries=64), setting)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the command
+def run_estimate(cfg, setting: Setting, gib: float = 24, do_measure: bool = False) -> dict:
+    """The `tinyml estimate` result: counts, breakdown, card table, advice, and the measured peak if asked."""
+    if setting.device == "auto":
+        import torch
+        setting = replace(setting, device="cuda" if torch.cuda.is_available() else "cpu")
+    if setting.device not in ("cuda", "cpu"):
+        raise UserError(f"--device must be cuda, cpu or auto, got '{setting.device}'")
+    wdtype, _ = dtypes(cfg, setting.device)
+    meta = MetaLMM(cfg, wdtype)
+    e = estimate(cfg, setting, meta)
+    metrics = {"params": e.params, "total_bytes": e.total_bytes, "tensor_bytes": e.tensor_bytes,
+               "breakdown": e.breakdown, **e.detail}
+    result = {"command": "estimate", "output_dir": None, "metrics": metrics, "artifacts": {},
+              "gpus": gpu_table(e.total_bytes), "advice": advice(cfg, setting, gib, meta), "target_gib": gib}
+    if do_measure:
+        if setting.mode != "train":
+            raise UserError("--measure runs a training step; it does not apply to --infer")
+        m = measure(cfg, device=setting.device)
+        metrics.update(measured_bytes=m["measured_bytes"],
+                       rel_error=e.tensor_bytes / m["measured_bytes"] - 1, measured_on=m["device"])
+    return result
+
+
+def _gb(n) -> str:
+    return "-" if n is None else f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / (1 << 20):.1f} MiB"
+
+
+def report(con, result: dict) -> None:
+    """Breakdown, card table and advice as rich tables (people's view of the result)."""
+    from rich.table import Table
+    m = result["metrics"]
+    t = Table(title=f"tinyml estimate ({m['mode']}, {m['device']}, weights {m['dtype']}, peak at {m.get('peak_phase', 'inference')})")
+    t.add_column("component"), t.add_column("memory", justify="right")
+    for k, v in m["params"].items():
+        t.add_row(f"params.{k}", f"{v:,}")
+    for k, v in m["breakdown"].items():
+        if v:
+            t.add_row(k, _gb(v))
+    t.add_row("[bold]tensor peak[/bold]", _gb(m["tensor_bytes"]))
+    t.add_row("[bold]total[/bold]", _gb(m["total_bytes"]))
+    if "measured_bytes" in m:
+        t.add_row(f"measured peak ({m['measured_on']})", f"{_gb(m['measured_bytes'])} ({m['rel_error']:+.1%})")
+    con.print(t)
+    g = Table(title="cards")
+    g.add_column("GPU"), g.add_column("GiB", justify="right"), g.add_column("verdict")
+    for row in result["gpus"]:
+        color = {"fits": "green", "tight": "yellow", "no": "red"}[row["verdict"]]
+        g.add_row(row["gpu"], str(row["gib"]), f"[{color}]{row['verdict']}[/{color}]")
+    con.print(g)
+    a = Table(title=f"to fit a {result['target_gib']:g} GiB card")
+    a.add_column("change"), a.add_column("new total", justify="right"), a.add_column("verdict")
+    for row in result["advice"]:
+        a.add_row(row["change"], _gb(row["total_bytes"]), row["verdict"])
+    con.print(a)
