@@ -317,6 +317,31 @@ def quantize(source: Path = typer.Argument(..., help="An ONNX export (int4) or a
     ui.emit(run_quantize(source, output_dir, method, block_size, symmetric, data, _config(config, set_)), json_mode)
 
 
+@app.command()
+def estimate(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, json_mode: bool = JsonOpt,
+             device: str = typer.Option("auto", "--device", help="cuda (a bf16 GPU) | cpu | auto (this machine's): what the estimate is for and where --measure runs."),
+             gpu: float = typer.Option(24, "--gpu", help="Card size in GiB the advice aims at."),
+             optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | adamw8bit | paged_adamw8bit."),
+             image_size: int = typer.Option(0, "--image-size", help="Image resolution (0: the vision config's)."),
+             infer: bool = typer.Option(False, "--infer", help="Estimate inference with a KV cache instead of training."),
+             context: int = typer.Option(2048, "--context", help="--infer: tokens per sequence in the KV cache."),
+             kv_bytes: int = typer.Option(2, "--kv-bytes", help="--infer: bytes per KV cache element (2 bf16, 1 fp8)."),
+             measure: bool = typer.Option(False, "--measure", help="Also run two real training steps here and report the measured peak.")):
+    """VRAM planner: memory of a training step (or inference) by component, which cards it fits, how to make it fit.
+
+    Example: tinyml estimate --set model.llm=examples/configs/tinyllama-1.1b --set model.vision=examples/configs/siglip-so400m-patch14-384 --set peft.method=lora
+    """
+    from . import ui
+    from .estimate import Setting, report, run_estimate
+    ui.quiet_libraries()
+    cfg = _config(config, set_, {"train.parts": ["connector", "llm"]})  # sft's defaults
+    setting = Setting(device=device, mode="infer" if infer else "train", batch=cfg.train.batch_size, seq=cfg.data.max_length,
+                      checkpointing=cfg.train.gradient_checkpointing, optimizer=optimizer, context=context,
+                      kv_bytes=kv_bytes, image_size=image_size)
+    result = run_estimate(cfg, setting, gpu, measure)
+    ui.emit(result, True) if json_mode else report(ui.console(False), result)
+
+
 def version_callback(value: bool):
     if value:
         typer.echo(f"tinyml {__version__}")

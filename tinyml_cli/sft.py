@@ -80,6 +80,18 @@ def quantization_config(cfg: RunConfig, dtype):
                               bnb_4bit_use_double_quant=cfg.peft.double_quant, bnb_4bit_compute_dtype=dtype)
 
 
+def setup_model(cfg: RunConfig):
+    """The model a run trains: built (4-bit for qlora), trainable parts set, gradient checkpointing as asked."""
+    from .model import build_model, resolve_dtype
+    dtype = resolve_dtype(cfg.model.dtype)
+    model = build_model(cfg.model, dtype=dtype, quantization_config=quantization_config(cfg, dtype))
+    configure_trainable(model, cfg)
+    if cfg.train.gradient_checkpointing:
+        model.base_llm().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.base_llm().config.use_cache = False
+    return model
+
+
 def sft_step(model, batch):
     loss = model(**batch)
     return loss, int((batch["labels"][:, 1:] != -100).sum()), {}
@@ -90,7 +102,7 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, command: str, resume: bool = Fa
     import torch
 
     from .data import Collator, Encoder, ImageLoader, load_examples
-    from .model import build_model, count_params, resolve_dtype
+    from .model import count_params
     from .train import process_state, train
 
     t0 = time.time()
@@ -99,12 +111,7 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, command: str, resume: bool = Fa
     if not cfg.data.train:
         raise UserError("data.train is not set (a LLaVA-format JSON / JSONL file)")
     torch.manual_seed(cfg.train.seed)
-    dtype = resolve_dtype(cfg.model.dtype)
-    model = build_model(cfg.model, dtype=dtype, quantization_config=quantization_config(cfg, dtype))
-    configure_trainable(model, cfg)
-    if cfg.train.gradient_checkpointing:
-        model.base_llm().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.base_llm().config.use_cache = False
+    model = setup_model(cfg)
     enc = Encoder(model.tokenizer, model.num_image_tokens, cfg.data.max_length, cfg.data.system_prompt)
     examples, skipped = load_examples(cfg.data.train, enc, cfg.data.on_error)
     collate = Collator(model.tokenizer.pad_token_id, ImageLoader(model.image_processor))
