@@ -70,13 +70,18 @@ class TrainConfig:
 
 @dataclass
 class PeftConfig:
-    method: str = _f("freeze", "full (every weight) | freeze (train.parts) | lora | qlora (4-bit LLM + LoRA) | dora | ia3")
+    method: str = _f("freeze", "full (every weight) | freeze (train.parts) | lora | qlora (4-bit LLM + LoRA) | dora | ia3 | "
+                               "bitfit (biases only) | adapter (Houlsby bottlenecks) | prompt-tuning | prefix-tuning")
+    parts: list = _f(["llm"], "where lora / dora / bitfit / adapter apply: llm, vision, connector "
+                              "(qlora, ia3, prompt-tuning and prefix-tuning: the LLM only)")
     r: int = _f(8, "LoRA rank")
     alpha: int = _f(16, "LoRA alpha")
     dropout: float = _f(0.05, "LoRA dropout")
     target_modules: str = _f("all-linear", "LoRA targets: all-linear or comma-separated module names")
     quant_type: str = _f("nf4", "qlora: 4-bit type of the frozen LLM weights, nf4 | fp4 (bitsandbytes)")
     double_quant: bool = _f(True, "qlora: quantize the quantization constants too (saves ~0.4 bit per weight)")
+    adapter_size: int = _f(16, "adapter: bottleneck width of each adapter (after every attention and MLP block)")
+    virtual_tokens: int = _f(8, "prompt-tuning / prefix-tuning: learned tokens (or key/value prefixes) prepended")
 
 
 @dataclass

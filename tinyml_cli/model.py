@@ -6,6 +6,7 @@ the connector's outputs before the LLM runs. A model saves as one folder:
     tinyml_model.json      composition (connector, feature layer, image token, ...)
     llm/                   HF causal LM + tokenizer (save_pretrained)
     llm_adapter/           peft adapter, when the LLM was trained with one
+    adapters.safetensors   bottleneck adapters (peft.method=adapter; see adapters.py)
     vision/                HF vision encoder + image processor
     connector.safetensors
 """
@@ -212,9 +213,12 @@ class LMM(nn.Module):
         return emb
 
     def hidden_states(self, input_ids, attention_mask, pixel_values=None) -> torch.Tensor:
+        from .prompt_learning import with_virtual_tokens
         emb = self.embed(input_ids, pixel_values)
         decoder = self.base_llm().get_decoder()
-        return decoder(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        emb, attention_mask, extra, drop = with_virtual_tokens(self.llm, emb, attention_mask)
+        return decoder(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False,
+                       **extra).last_hidden_state[:, drop:]
 
     def logits_at(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.llm.get_output_embeddings()(hidden)
@@ -249,6 +253,10 @@ class LMM(nn.Module):
             kw.update(temperature=temperature, top_p=top_p)
         else:  # greedy: drop sampling defaults a checkpoint's generation_config may carry
             kw.update(temperature=None, top_p=None, top_k=None)
+        from .prompt_learning import num_virtual_tokens, with_virtual_tokens
+        if num_virtual_tokens(self.llm):  # peft's generate takes no inputs_embeds: prepend its prompt here
+            emb, attention_mask, extra, _ = with_virtual_tokens(self.llm, emb, attention_mask, generating=True)
+            return self.base_llm().generate(inputs_embeds=emb, attention_mask=attention_mask, **kw, **extra)
         return self.llm.generate(inputs_embeds=emb, attention_mask=attention_mask, **kw)
 
     # ------------------------------------------------------------------------------------------ save/load
@@ -267,6 +275,9 @@ class LMM(nn.Module):
         self.image_processor.save_pretrained(out / "vision")
         state = {k: v.detach().contiguous() for k, v in self.connector.state_dict().items()}
         save_file(state, str(out / "connector.safetensors"))
+        if "bottleneck_adapters" in self.spec:  # tinyml's own adapters (peft has none of that kind)
+            from .adapters import save_adapters
+            save_adapters(self, out)
         (out / "tinyml_model.json").write_text(json.dumps(self.spec, indent=2))
 
 
@@ -338,7 +349,11 @@ def load_model(path: str | Path, dtype=None, trust_remote_code: bool = False, ad
     connector.load_state_dict(load_file(str(path / "connector.safetensors")))
     if dtype is not None:
         connector.to(dtype)
-    return LMM(vision, connector, llm, tok, processor, spec)
+    model = LMM(vision, connector, llm, tok, processor, spec)
+    if "bottleneck_adapters" in spec:
+        from .adapters import load_adapters
+        load_adapters(model, path)
+    return model
 
 
 def count_params(module: nn.Module) -> tuple[int, int]:
