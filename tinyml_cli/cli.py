@@ -152,6 +152,21 @@ def generate(model_dir: Optional[Path] = typer.Argument(None, help="A tinyml mod
                    else result["answer"])
 
 
+@app.command()
+def merge(run_dir: Path = typer.Argument(..., help="A run folder trained with lora, dora, ia3, qlora or bitfit."),
+          output_dir: Path = typer.Argument(..., help="Where the merged model folder goes."),
+          overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
+          json_mode: bool = JsonOpt):
+    """Fold a run's adapters into full weights (QLoRA: into its dequantized base) as a plain model folder.
+
+    Example: tinyml merge runs/sft runs/sft-merged
+    """
+    from . import ui
+    from .merge import merge_run
+    ui.quiet_libraries()
+    ui.emit(merge_run(run_dir, output_dir, overwrite), json_mode)
+
+
 @app.command("build-tiny")
 def build_tiny(output_dir: Path = typer.Argument(Path("runs/tiny"), help="Where llm/ and vision/ are saved."),
                seed: int = typer.Option(1234, help="Seed of the pretraining data and weights."),

@@ -28,11 +28,13 @@ def _f(default, help: str):
 class ModelConfig:
     llm: str = _f("", "causal LM: hub id or local folder (AutoModelForCausalLM)")
     vision: str = _f("", "vision encoder: hub id or local folder (CLIP / SigLIP vision or full model)")
-    connector: str = _f("mlp2x_gelu", "linear (VILA) | mlp2x_gelu (LLaVA-1.5) | resampler (Flamingo perceiver)")
+    connector: str = _f("mlp2x_gelu", "linear (VILA) | mlp2x_gelu (LLaVA-1.5) | resampler (Flamingo perceiver) | qformer (BLIP-2)")
     init_from: str = _f("", "a tinyml run folder whose saved llm, vision and connector start this run")
     vision_feature_layer: int = _f(-1, "hidden layer of the vision encoder fed to the connector (LLaVA: -2)")
     resampler_queries: int = _f(16, "number of learned queries (image tokens) of the resampler")
     resampler_layers: int = _f(2, "perceiver layers of the resampler")
+    qformer_queries: int = _f(32, "number of learned queries (image tokens) of the qformer connector")
+    qformer_layers: int = _f(2, "qformer layers (self-attention, cross-attention to the image, MLP)")
     dtype: str = _f("auto", "weights dtype: auto (bf16 on a bf16 GPU, else fp32) | fp32 | bf16 | fp16")
     trust_remote_code: bool = _f(False, "allow model code from the hub (off: safer)")
     attn_implementation: str = _f("sdpa", "eager | sdpa | flash_attention_2")
@@ -70,13 +72,18 @@ class TrainConfig:
 
 @dataclass
 class PeftConfig:
-    method: str = _f("freeze", "full (every weight) | freeze (train.parts) | lora | qlora (4-bit LLM + LoRA) | dora | ia3")
+    method: str = _f("freeze", "full (every weight) | freeze (train.parts) | lora | qlora (4-bit LLM + LoRA) | dora | ia3 | "
+                               "bitfit (biases only) | adapter (Houlsby bottlenecks) | prompt-tuning | prefix-tuning")
+    parts: list = _f(["llm"], "where lora / dora / bitfit / adapter apply: llm, vision, connector "
+                              "(qlora, ia3, prompt-tuning and prefix-tuning: the LLM only)")
     r: int = _f(8, "LoRA rank")
     alpha: int = _f(16, "LoRA alpha")
     dropout: float = _f(0.05, "LoRA dropout")
     target_modules: str = _f("all-linear", "LoRA targets: all-linear or comma-separated module names")
     quant_type: str = _f("nf4", "qlora: 4-bit type of the frozen LLM weights, nf4 | fp4 (bitsandbytes)")
     double_quant: bool = _f(True, "qlora: quantize the quantization constants too (saves ~0.4 bit per weight)")
+    adapter_size: int = _f(16, "adapter: bottleneck width of each adapter (after every attention and MLP block)")
+    virtual_tokens: int = _f(8, "prompt-tuning / prefix-tuning: learned tokens (or key/value prefixes) prepended")
 
 
 @dataclass

@@ -327,7 +327,8 @@ def encoder_for(cfg) -> Encoder:
         vcfg = _hf_load(AutoConfig.from_pretrained, m.vision, "vision config", trust_remote_code=m.trust_remote_code)
         vcfg = getattr(vcfg, "vision_config", vcfg)
         llm = m.llm
-        n_img = m.resampler_queries if m.connector == "resampler" else (vcfg.image_size // vcfg.patch_size) ** 2
+        n_img = ({"resampler": m.resampler_queries, "qformer": m.qformer_queries}.get(m.connector)
+                 or (vcfg.image_size // vcfg.patch_size) ** 2)
     tok = _hf_load(AutoTokenizer.from_pretrained, llm, "tokenizer", trust_remote_code=m.trust_remote_code)
     prepare_tokenizer(tok, None)
     return Encoder(tok, n_img, cfg.data.max_length, cfg.data.system_prompt)

@@ -6,6 +6,7 @@ the connector's outputs before the LLM runs. A model saves as one folder:
     tinyml_model.json      composition (connector, feature layer, image token, ...)
     llm/                   HF causal LM + tokenizer (save_pretrained)
     llm_adapter/           peft adapter, when the LLM was trained with one
+    adapters.safetensors   bottleneck adapters (peft.method=adapter; see adapters.py)
     vision/                HF vision encoder + image processor
     connector.safetensors
 """
@@ -66,12 +67,13 @@ class PerceiverLayer(nn.Module):
 
 class ResamplerConnector(nn.Module):
     """Perceiver resampler (Flamingo): a fixed number of learned queries, whatever the number of patches."""
+    layer = PerceiverLayer
 
     def __init__(self, vision_dim: int, llm_dim: int, num_queries: int, layers: int):
         super().__init__()
         heads = max(1, vision_dim // 64) if vision_dim % 64 == 0 else 1
         self.latents = nn.Parameter(torch.randn(num_queries, vision_dim) * 0.02)
-        self.layers = nn.ModuleList(PerceiverLayer(vision_dim, heads) for _ in range(layers))
+        self.layers = nn.ModuleList(self.layer(vision_dim, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(vision_dim)
         self.proj = nn.Linear(vision_dim, llm_dim)
 
@@ -85,6 +87,32 @@ class ResamplerConnector(nn.Module):
         return self.proj(self.norm(lat))
 
 
+class QFormerLayer(nn.Module):
+    """A BLIP-2 Q-Former block: the queries attend to each other, then (cross-attention) to the image features,
+    then an MLP; pre-norm residuals, as in the resampler above."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm_q, self.norm_c, self.norm_x = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, queries, x):
+        q = self.norm_q(queries)
+        queries = queries + self.self_attn(q, q, q, need_weights=False)[0]
+        kv = self.norm_x(x)
+        queries = queries + self.cross_attn(self.norm_c(queries), kv, kv, need_weights=False)[0]
+        return queries + self.ff(queries)
+
+
+class QFormerConnector(ResamplerConnector):
+    """Q-Former (BLIP-2, arXiv 2301.12597): learned queries read the image through cross-attention and come out
+    as a fixed number of image tokens. BLIP-2 starts it from BERT and pretrains it with its own objectives;
+    here it is trained from scratch like the other connectors (pretrain-align, then sft)."""
+    layer = QFormerLayer
+
+
 def build_connector(kind: str, vision_dim: int, llm_dim: int, queries: int = 16, layers: int = 2) -> nn.Module:
     if kind == "linear":
         return MLPConnector(vision_dim, llm_dim, 1)
@@ -92,7 +120,16 @@ def build_connector(kind: str, vision_dim: int, llm_dim: int, queries: int = 16,
         return MLPConnector(vision_dim, llm_dim, 2)
     if kind == "resampler":
         return ResamplerConnector(vision_dim, llm_dim, queries, layers)
-    raise UserError(f"unknown connector '{kind}' (choose linear, mlp2x_gelu or resampler)")
+    if kind == "qformer":
+        return QFormerConnector(vision_dim, llm_dim, queries, layers)
+    raise UserError(f"unknown connector '{kind}' (choose linear, mlp2x_gelu, resampler or qformer)")
+
+
+def connector_size(spec_or_cfg) -> tuple[int, int]:
+    """(queries, layers) of a resampler or Q-Former, from a model config or a saved spec (a dict)."""
+    get = spec_or_cfg.get if isinstance(spec_or_cfg, dict) else lambda k, d=None: getattr(spec_or_cfg, k, d)
+    kind = "qformer" if get("connector") == "qformer" else "resampler"
+    return get(f"{kind}_queries", 16 if kind == "resampler" else 32), get(f"{kind}_layers", 2)
 
 
 # ------------------------------------------------------------------------------------------ loading parts
@@ -211,9 +248,12 @@ class LMM(nn.Module):
         return emb
 
     def hidden_states(self, input_ids, attention_mask, pixel_values=None) -> torch.Tensor:
+        from .prompt_learning import with_virtual_tokens
         emb = self.embed(input_ids, pixel_values)
         decoder = self.base_llm().get_decoder()
-        return decoder(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        emb, attention_mask, extra, drop = with_virtual_tokens(self.llm, emb, attention_mask)
+        return decoder(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False,
+                       **extra).last_hidden_state[:, drop:]
 
     def logits_at(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.llm.get_output_embeddings()(hidden)
@@ -248,6 +288,10 @@ class LMM(nn.Module):
             kw.update(temperature=temperature, top_p=top_p)
         else:  # greedy: drop sampling defaults a checkpoint's generation_config may carry
             kw.update(temperature=None, top_p=None, top_k=None)
+        from .prompt_learning import num_virtual_tokens, with_virtual_tokens
+        if num_virtual_tokens(self.llm):  # peft's generate takes no inputs_embeds: prepend its prompt here
+            emb, attention_mask, extra, _ = with_virtual_tokens(self.llm, emb, attention_mask, generating=True)
+            return self.base_llm().generate(inputs_embeds=emb, attention_mask=attention_mask, **kw, **extra)
         return self.llm.generate(inputs_embeds=emb, attention_mask=attention_mask, **kw)
 
     # ------------------------------------------------------------------------------------------ save/load
@@ -266,6 +310,9 @@ class LMM(nn.Module):
         self.image_processor.save_pretrained(out / "vision")
         state = {k: v.detach().contiguous() for k, v in self.connector.state_dict().items()}
         save_file(state, str(out / "connector.safetensors"))
+        if "bottleneck_adapters" in self.spec:  # tinyml's own adapters (peft has none of that kind)
+            from .adapters import save_adapters
+            save_adapters(self, out)
         (out / "tinyml_model.json").write_text(json.dumps(self.spec, indent=2))
 
 
@@ -302,13 +349,14 @@ def build_model(mcfg, dtype=None, quantization_config=None) -> LMM:
     llm, tok = load_llm(mcfg.llm, mcfg.trust_remote_code, dtype, mcfg.attn_implementation, quantization_config)
     vdim, patches = vision_geometry(vision)
     ldim = llm.get_input_embeddings().weight.shape[1]
-    connector = build_connector(mcfg.connector, vdim, ldim, mcfg.resampler_queries, mcfg.resampler_layers)
+    connector = build_connector(mcfg.connector, vdim, ldim, *connector_size(mcfg))
     if dtype is not None:
         connector.to(dtype)
     spec = {"format": "tinyml-lmm/1", "connector": mcfg.connector, "vision_dim": vdim, "llm_dim": ldim,
             "num_patches": patches, "num_image_tokens": connector.num_tokens(patches),
             "vision_feature_layer": mcfg.vision_feature_layer, "resampler_queries": mcfg.resampler_queries,
-            "resampler_layers": mcfg.resampler_layers, "llm_source": mcfg.llm, "vision_source": mcfg.vision}
+            "resampler_layers": mcfg.resampler_layers, "llm_source": mcfg.llm, "vision_source": mcfg.vision,
+            "qformer_queries": mcfg.qformer_queries, "qformer_layers": mcfg.qformer_layers}
     return LMM(vision, connector, llm, tok, processor, spec)
 
 
@@ -332,12 +380,15 @@ def load_model(path: str | Path, dtype=None, trust_remote_code: bool = False, ad
     if adapter and (path / "llm_adapter").is_dir():
         from peft import PeftModel
         llm = PeftModel.from_pretrained(llm, str(path / "llm_adapter"), is_trainable=False)
-    connector = build_connector(spec["connector"], spec["vision_dim"], spec["llm_dim"],
-                                spec.get("resampler_queries", 16), spec.get("resampler_layers", 2))
+    connector = build_connector(spec["connector"], spec["vision_dim"], spec["llm_dim"], *connector_size(spec))
     connector.load_state_dict(load_file(str(path / "connector.safetensors")))
     if dtype is not None:
         connector.to(dtype)
-    return LMM(vision, connector, llm, tok, processor, spec)
+    model = LMM(vision, connector, llm, tok, processor, spec)
+    if "bottleneck_adapters" in spec:
+        from .adapters import load_adapters
+        load_adapters(model, path)
+    return model
 
 
 def count_params(module: nn.Module) -> tuple[int, int]:

@@ -23,34 +23,80 @@ def encoder_layers(module):
     return None
 
 
-def configure_trainable(model, cfg: RunConfig) -> None:
-    """Set requires_grad from peft.method and train.parts; with a peft method the LLM gets peft adapters.
+METHODS = ("full", "freeze", "lora", "qlora", "dora", "ia3", "bitfit", "adapter", "prompt-tuning", "prefix-tuning")
+LLM_ONLY = ("qlora", "ia3", "prompt-tuning", "prefix-tuning")
 
-    For qlora the LLM was loaded in 4-bit (see `quantization_config`); the adapters train in full precision
-    over the frozen quantized weights.
+
+def _check_parts(key: str, parts) -> None:
+    bad = set(parts) - set(PARTS)
+    if bad:
+        raise UserError(f"{key}: unknown part(s) {sorted(bad)} (choose from {', '.join(PARTS)})")
+
+
+def peft_config(cfg: RunConfig, method: str):
+    """peft's config for the methods it implements (lora, qlora, dora, ia3, prompt-tuning, prefix-tuning)."""
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
+    targets = cfg.peft.target_modules
+    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
+    if method == "ia3":  # learned scaling vectors; peft's defaults: attention k / v and the MLP's down projection
+        return IA3Config(task_type="CAUSAL_LM", **({} if targets == "all-linear" else
+                                                   {"target_modules": targets, "feedforward_modules": []}))
+    if method in ("prompt-tuning", "prefix-tuning"):
+        if cfg.peft.virtual_tokens < 1:
+            raise UserError(f"peft.virtual_tokens must be at least 1, got {cfg.peft.virtual_tokens}")
+        kind = PromptTuningConfig if method == "prompt-tuning" else PrefixTuningConfig
+        return kind(task_type="CAUSAL_LM", num_virtual_tokens=cfg.peft.virtual_tokens)
+    return LoraConfig(r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
+                      target_modules=targets, use_dora=method == "dora", task_type="CAUSAL_LM")
+
+
+def train_biases(model, parts: list[str]) -> None:
+    """BitFit (Ben Zaken et al. 2022, arXiv 2106.10199): every bias term of the named parts trains, nothing else."""
+    has = {p: [w for n, w in getattr(model, p).named_parameters() if n.endswith("bias")] for p in PARTS}
+    for part in parts:
+        if not has[part]:
+            module = getattr(model, part)
+            off = [k for k in ("attention_bias", "mlp_bias") if getattr(getattr(module, "config", None), k, None) is False]
+            why = f" (its config has {' and '.join(off)} off)" if off else ""
+            others = [p for p in PARTS if has[p]]
+            hint = f"; set peft.parts to parts that have biases: {', '.join(others)}" if others else ""
+            raise UserError(f"peft.method=bitfit: the {part} ({type(module).__name__}) has no bias terms{why}{hint}")
+        for w in has[part]:
+            w.requires_grad_(True)
+
+
+def configure_trainable(model, cfg: RunConfig) -> None:
+    """Set requires_grad from peft.method, peft.parts and train.parts.
+
+    `full` trains every weight and `freeze` the parts in train.parts. The other methods adapt the parts in
+    peft.parts: peft adapters (lora, dora, ia3, prompt / prefix tuning; qlora over an LLM loaded in 4-bit, see
+    `quantization_config`), the bias terms (bitfit) or tinyml's bottleneck adapters (adapter). Under them the
+    base weights stay frozen: train.parts may add the connector or the vision tower in full, never the LLM.
     """
     method, parts = cfg.peft.method, set(cfg.train.parts)
-    bad = parts - set(PARTS)
-    if bad:
-        raise UserError(f"train.parts: unknown part(s) {sorted(bad)} (choose from {', '.join(PARTS)})")
+    _check_parts("train.parts", parts)
     model.requires_grad_(False)
     if method == "full":
         model.requires_grad_(True)
         return
-    if method not in ("freeze", "lora", "qlora", "dora", "ia3"):
-        raise UserError(f"peft.method '{method}' is not available (choose full, freeze, lora, qlora, dora or ia3)")
+    if method not in METHODS:
+        raise UserError(f"peft.method '{method}' is not available (choose {', '.join(METHODS)})")
     if method != "freeze":
-        from peft import IA3Config, LoraConfig, get_peft_model
-        targets = cfg.peft.target_modules
-        targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
-        if method == "ia3":  # learned scaling vectors; peft's defaults: attention k / v and the MLP's down projection
-            pcfg = IA3Config(task_type="CAUSAL_LM", **({} if targets == "all-linear" else
-                                                       {"target_modules": targets, "feedforward_modules": []}))
+        targets = list(dict.fromkeys(cfg.peft.parts))
+        _check_parts("peft.parts", targets)
+        if not targets:
+            raise UserError("peft.parts is empty: name where the method applies (llm, vision, connector)")
+        if method in LLM_ONLY and targets != ["llm"]:
+            raise UserError(f"peft.method={method} applies to the LLM only: set peft.parts=[llm]")
+        if method == "bitfit":
+            train_biases(model, targets)
+        elif method == "adapter":
+            from .adapters import attach_adapters
+            attach_adapters(model, targets, cfg.peft.adapter_size)
         else:
-            pcfg = LoraConfig(r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
-                              target_modules=targets, use_dora=method == "dora", task_type="CAUSAL_LM")
-        model.llm = get_peft_model(model.llm, pcfg)
-        parts.discard("llm")  # the adapters train, not the base weights
+            from peft import get_peft_model
+            model.llm = get_peft_model(model.llm, peft_config(cfg, method))
+        parts -= {"llm", *targets}
     if "connector" in parts:
         model.connector.requires_grad_(True)
     if "llm" in parts:

@@ -1,0 +1,161 @@
+"""Every peft.method on the same data, measured: trainable parameters, peak memory, step time, loss, accuracy.
+
+    python benchmarks/peft_methods.py            # a table
+    python benchmarks/peft_methods.py --json     # one JSON object: {"methods": [{method, trainable_params, ...}]}
+
+Builds the tiny default, a shapes data set and one pretrain-align run (as `tinyml demo` does), then runs sft
+from that aligned model once per method, with the same steps, batches and seed, and evaluates each saved
+result on the held-out split. Each method trains only its own parameters (train.parts=[]), so the count is
+the method's: `full` trains every weight, `freeze` the connector and the LLM. `bitfit` trains the biases of
+the vision tower and the connector, because the tiny default's Llama has none. Learning rates are per method
+(LR below), each a usual value for the method, not tuned here.
+
+Peak memory is the largest total size of the tensors alive at once during a few training steps (weights,
+gradients, optimizer state, activations), counted by a TorchDispatchMode that sees every tensor an operation
+makes or uses and lets go of it when its storage is freed. It is not the process RSS (which adds the Python
+and library footprint and the allocator's caching), and it runs as a separate short run, since the tracking
+slows the operations down; step time comes from the untracked run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+METHODS = ["full", "freeze", "lora", "dora", "qlora", "ia3", "bitfit", "adapter", "prompt-tuning", "prefix-tuning"]
+LR = {"full": 1e-3, "freeze": 1e-3, "lora": 3e-3, "dora": 3e-3, "qlora": 3e-3, "ia3": 1e-2, "bitfit": 3e-3,
+      "adapter": 3e-3, "prompt-tuning": 3e-2, "prefix-tuning": 3e-2}
+SETS = {"full": [], "freeze": ["train.parts=[connector,llm]"], "bitfit": ["peft.parts=[vision,connector]"]}
+
+
+class TensorMemory(TorchDispatchMode):
+    """Live and peak bytes of the tensor storages the operations under it make or use."""
+
+    def __init__(self, tensors=()):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
+        for t in tensors:
+            self._add(t)
+
+    def _free(self, key):
+        self.now -= self.live.pop(key, 0)
+
+    def _add(self, t):
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. some subclasses)
+            return
+        key = (st.device, st.data_ptr())
+        if key in self.live or st.nbytes() == 0:
+            return
+        self.live[key] = st.nbytes()
+        self.now += st.nbytes()
+        self.peak = max(self.peak, self.now)
+        weakref.finalize(st, self._free, key)  # torch keeps one Python object per storage, dying with it
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten((args, kwargs, out))[0]:
+            self._add(t)
+        return out
+
+
+def peak_training_memory(cfg, out: Path, steps: int = 3) -> int:
+    """Peak tensor bytes of a few sft steps of this recipe (model loaded first, then measured)."""
+    from tinyml_cli.data import Collator, Encoder, ImageLoader, load_examples
+    from tinyml_cli.model import build_model
+    from tinyml_cli.sft import configure_trainable, quantization_config, sft_step
+    from tinyml_cli.train import train
+
+    cfg.train.max_steps = steps
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, quantization_config=quantization_config(cfg, torch.float32))
+    configure_trainable(model, cfg)
+    enc = Encoder(model.tokenizer, model.num_image_tokens, cfg.data.max_length)
+    examples, _ = load_examples(cfg.data.train, enc)
+    collate = Collator(model.tokenizer.pad_token_id, ImageLoader(model.image_processor))
+    collate(examples[:1])  # warm the image processor outside the measurement
+    out.mkdir(parents=True, exist_ok=True)
+    with TensorMemory(itertools.chain(model.parameters(), model.buffers())) as mem:
+        train(model, examples, collate, sft_step, cfg.train, out)
+    return mem.peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ap.add_argument("--out", default="runs/peft_methods", help="work folder")
+    ap.add_argument("--steps", type=int, default=150, help="sft steps per method")
+    ap.add_argument("--n-train", type=int, default=1000, help="training images")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+    from rich.table import Table
+
+    from tinyml_cli import ui
+    from tinyml_cli.config import load_config
+    from tinyml_cli.evaluate import evaluate_model
+    from tinyml_cli.model import load_model
+    from tinyml_cli.sft import run_sft
+    from tinyml_cli.synth import synth_shapes
+    from tinyml_cli.tiny import build_tiny
+
+    ui.quiet_libraries()
+    con = ui.console(args.json)
+    out = Path(args.out)
+    t0 = time.time()
+    with con.status("building the tiny default, the shapes data and the aligned model..."):
+        tiny = build_tiny(out / "tiny")
+        files = synth_shapes(out / "shapes", n=args.n_train, n_eval=100)
+        align_cfg = load_config("tiny_align", [f"model.llm={tiny['llm']}", f"model.vision={tiny['vision']}",
+                                               f"data.train={files['captions']}", f"data.eval={files['eval']}"])
+        run_sft(align_cfg, out / "align", "pretrain-align")
+    con.print(f"setup: {time.time() - t0:.0f} s")
+
+    rows = []
+    for method in args.methods.split(","):
+        sets = [f"model.init_from={out / 'align'}", f"data.train={files['train']}", f"data.eval={files['eval']}",
+                f"train.max_steps={args.steps}", "train.batch_size=16", f"train.lr={LR[method]}",
+                "train.parts=[]", f"peft.method={method}", *SETS.get(method, [])]
+        cfg = load_config("tiny_sft", sets)
+        with ui.training_bar(con, method) as bar:
+            r = run_sft(cfg, out / "sft" / method, "sft", progress=bar)
+        metrics, _ = evaluate_model(load_model(out / "sft" / method), cfg.data.eval, cfg)
+        peak = peak_training_memory(load_config("tiny_sft", sets), out / "memory" / method)
+        m = r["metrics"]
+        rows.append({"method": method, "trainable_params": r["trainable_params"], "total_params": r["total_params"],
+                     "peak_memory_mb": peak / 2**20, "step_time_s": m["train_seconds"] / m["steps"],
+                     "loss_first": m["loss_first"], "loss_last": m["loss_last"],
+                     "vqa_accuracy": metrics["vqa_accuracy"], "lr": LR[method]})
+        con.print(json.dumps(rows[-1]))
+
+    table = Table(title=f"peft methods on the tiny default: {args.steps} sft steps of 16 records each")
+    for col in ("method", "trainable params", "peak memory (MB)", "step time (s)", "loss first -> last",
+                "held-out VQA"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["method"], f"{r['trainable_params']:,}", f"{r['peak_memory_mb']:.1f}",
+                      f"{r['step_time_s']:.3f}", f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}",
+                      f"{r['vqa_accuracy']:.3f}")
+    con.print(table)
+    if args.json:
+        sys.stdout.write(json.dumps({"command": "benchmarks/peft_methods.py", "steps": args.steps,
+                                     "seconds": time.time() - t0, "methods": rows}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
