@@ -186,7 +186,7 @@ def data_validate(file: Path = typer.Argument(..., help="A JSON / JSONL data fil
     ui.quiet_libraries()
     cfg = _config(config, set_)
     enc = encoder_for(cfg) if cfg.model.init_from or cfg.model.llm else None
-    n, problems = validate(file, enc)
+    n, problems = validate(file, enc, cfg.data.columns)
     con = ui.console(json_mode)
     from rich.markup import escape
     for p in problems:

@@ -106,7 +106,7 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, command: str, resume: bool = Fa
         model.base_llm().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.base_llm().config.use_cache = False
     enc = Encoder(model.tokenizer, model.num_image_tokens, cfg.data.max_length, cfg.data.system_prompt)
-    examples, skipped = load_examples(cfg.data.train, enc, cfg.data.on_error)
+    examples, skipped = load_examples(cfg.data.train, enc, cfg.data.on_error, columns=cfg.data.columns)
     collate = Collator(model.tokenizer.pad_token_id, ImageLoader(model.image_processor))
     main_process = process_state().is_main_process  # with several processes, one writes the outputs
     if main_process:
