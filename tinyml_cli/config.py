@@ -68,6 +68,7 @@ class TrainConfig:
     save_every: int = _f(0, "write a resumable checkpoint every N steps (0: only the final model)")
     keep_last: int = _f(2, "checkpoints kept")
     log_every: int = _f(10, "steps between metrics.jsonl lines")
+    report_to: list = _f([], "also log metrics to: tensorboard, wandb (offline), via accelerate (files under the run folder)")
 
 
 @dataclass
