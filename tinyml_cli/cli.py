@@ -222,7 +222,7 @@ def data_validate(file: Path = typer.Argument(..., help="A JSON / JSONL data fil
     ui.quiet_libraries()
     cfg = _config(config, set_)
     enc = encoder_for(cfg) if cfg.model.init_from or cfg.model.llm else None
-    n, problems = validate(file, enc)
+    n, problems = validate(file, enc, cfg.data.columns)
     con = ui.console(json_mode)
     from rich.markup import escape
     for p in problems:
@@ -355,6 +355,76 @@ def estimate(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetO
                       kv_bytes=kv_bytes, image_size=image_size)
     result = run_estimate(cfg, setting, gpu, measure)
     ui.emit(result, True) if json_mode else report(ui.console(False), result)
+
+
+@app.command()
+def report(run_dirs: List[Path] = typer.Argument(..., help="Run folders (metrics.jsonl, eval_metrics.json, estimate.json), or folders of runs."),
+           output_dir: Path = typer.Option(Path("runs/report"), "--output-dir", "-o", help="Where report.html and the PNG figures go."),
+           json_mode: bool = JsonOpt):
+    """Figures (loss, lr, objective metrics, eval, memory) and a self-contained report.html from runs.
+
+    Example: tinyml report runs/demo/align runs/demo/sft -o runs/report
+    """
+    from . import ui
+    from .report import make_report, runs_table
+    result = make_report(run_dirs, output_dir)
+    con = ui.console(json_mode)
+    con.print(runs_table(result["runs"]))
+    ui.emit(result, json_mode)
+
+
+recipes_app = typer.Typer(help="The recipes shipped with tinyml.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.command("list")
+def recipes_list(json_mode: bool = JsonOpt):
+    """Each shipped recipe with the command line it opens with.
+
+    Example: tinyml recipes list
+    """
+    from . import ui
+    from .shipped import shipped_recipes
+    found = shipped_recipes()
+    if json_mode:
+        ui.emit({"command": "recipes list", "output_dir": None, "metrics": {"recipes": len(found)},
+                 "artifacts": {}, "recipes": found}, True)
+        return
+    from rich.table import Table
+    table = Table(title="shipped recipes (use with -c NAME)", header_style="bold")
+    table.add_column("name")
+    table.add_column("runs with")
+    for r in found:
+        table.add_row(r["name"], r["command"])
+    ui.console(False).print(table)
+
+
+@recipes_app.command("show")
+def recipes_show(name: str = typer.Argument(..., help="A shipped recipe's name (see `tinyml recipes list`).")):
+    """Print a shipped recipe, to copy and edit.
+
+    Example: tinyml recipes show tiny_sft > my_sft.yaml
+    """
+    from .shipped import recipe_text
+    typer.echo(recipe_text(name), nl=False)
+
+
+@recipes_app.command("keys")
+def recipes_keys(json_mode: bool = JsonOpt):
+    """Every recipe key with its default and what it means.
+
+    Example: tinyml recipes keys | grep train.
+    """
+    from . import ui
+    from .config import RunConfig, all_keys
+    defaults = RunConfig().to_dict()
+    rows = [(k, defaults[k.split(".")[0]][k.split(".", 1)[1]], h) for k, h in all_keys().items()]
+    if json_mode:
+        ui.emit({"command": "recipes keys", "output_dir": None, "metrics": {"keys": len(rows)}, "artifacts": {},
+                 "keys": {k: {"default": d, "help": h} for k, d, h in rows}}, True)
+        return
+    for k, d, h in rows:
+        typer.echo(f"{k:32} {str(d):14} {h}")
 
 
 def version_callback(value: bool):

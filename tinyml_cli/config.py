@@ -47,6 +47,8 @@ class DataConfig:
     max_length: int = _f(512, "maximum tokens per record, image tokens included")
     system_prompt: str = _f("", "system message prepended to every conversation")
     on_error: str = _f("fail", "fail | skip: what a bad record does")
+    columns: dict = _f({}, "data set columns by tinyml field, e.g. {image: img, messages: dialog} (fields: image, "
+                           "images, conversations, messages, prompt, chosen, rejected, id, type, answer)")
 
 
 @dataclass
@@ -68,6 +70,7 @@ class TrainConfig:
     save_every: int = _f(0, "write a resumable checkpoint every N steps (0: only the final model)")
     keep_last: int = _f(2, "checkpoints kept")
     log_every: int = _f(10, "steps between metrics.jsonl lines")
+    report_to: list = _f([], "also log metrics to: tensorboard, wandb (offline), via accelerate (files under the run folder)")
 
 
 @dataclass
@@ -135,6 +138,10 @@ def _coerce(key: str, value, current):
         if not isinstance(value, list):
             raise UserError(f"{key} must be a list, got {value!r}")
         return [str(v) for v in value]
+    if kind is dict:
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise UserError(f"{key} must be a mapping of names, like {{image: img}}, got {value!r}")
+        return {str(k): v for k, v in value.items()}
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):

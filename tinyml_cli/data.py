@@ -1,12 +1,16 @@
 """Data: LLaVA-style conversation records, chat-template encoding with assistant-only labels, images, collators.
 
 A record is `{"id", "image", "conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}` (LLaVA)
-or the same with `"messages": [{"role", "content"}]`; `<image>` marks where the image goes. JSON (a list) and
-JSONL files are read; image paths are relative to the data file (or `image_root`) and may not leave it.
+or the same with `"messages": [{"role", "content"}]`, where content may be OpenAI-style parts
+(`{"type": "text", "text"}` and `{"type": "image"}`); `<image>` marks where the image goes. JSON (a list) and
+JSONL files are read here, parquet, `datasets` folders and hub ids through `formats`. Images are paths
+(relative to the data file, or `image_root`, and not leaving it), bytes or PIL images.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +28,25 @@ class Example:
     meta: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ImageBytes:
+    """An encoded image held in memory (parquet and `datasets` rows), named for messages and caching."""
+    data: bytes = field(repr=False)
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _image_file(p):
+    return io.BytesIO(p.data) if isinstance(p, ImageBytes) else p
+
+
 def read_records(path: str | Path) -> list[tuple[int, dict | ValueError]]:
     """(line or index, record) pairs from a JSON list or a JSONL file; a broken JSONL line is a ValueError."""
+    from .formats import is_hub_id, is_table, table_records
+    if is_table(path) or is_hub_id(str(path)):
+        return table_records(path)
     p = Path(path)
     if not p.is_file():
         raise UserError(f"data file not found: {p}")
@@ -54,6 +75,24 @@ def read_records(path: str | Path) -> list[tuple[int, dict | ValueError]]:
     return out
 
 
+def content_text(content, role: str) -> str:
+    """A turn's text: a string, or OpenAI-style parts joined by newlines, an image part becoming `<image>`."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise ValueError(f"{role} turn text is not a string or a list of parts: {content!r}"[:120])
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append(part["text"])
+        elif kind in ("image", "image_url"):
+            parts.append(IMAGE_TOKEN)
+        else:
+            raise ValueError(f"unknown content part {part!r}"[:120])
+    return "\n".join(parts)
+
+
 def messages_of(record: dict) -> list[dict]:
     """The record's turns as chat messages `{"role", "content"}`."""
     if not isinstance(record, dict):
@@ -69,6 +108,8 @@ def messages_of(record: dict) -> list[dict]:
         content = t.get("value", t.get("content"))
         if role is None:
             raise ValueError(f"unknown speaker {t.get('from', t.get('role'))!r}")
+        if isinstance(content, list):
+            content = content_text(content, role)
         if not isinstance(content, str):
             raise ValueError(f"turn text is not a string: {content!r}"[:120])
         if role == "assistant" and not content.strip():
@@ -77,13 +118,37 @@ def messages_of(record: dict) -> list[dict]:
     return msgs
 
 
-def image_paths(record: dict, root: Path) -> list[Path]:
+def _in_memory(n) -> ImageBytes | None:
+    """Bytes, a `{"bytes", "path"}` struct (parquet / datasets) or a PIL image as ImageBytes; None for a path."""
+    if isinstance(n, dict) and set(n) <= {"bytes", "path"}:
+        if n.get("bytes") is None:
+            return None
+        name, n = n.get("path") or "image", n["bytes"]
+    elif hasattr(n, "save") and hasattr(n, "mode"):  # a PIL image: kept losslessly as PNG
+        buf = io.BytesIO()
+        n.save(buf, format="PNG")
+        name, n = "PIL image", buf.getvalue()
+    elif isinstance(n, (bytes, bytearray)):
+        name = "image"
+    else:
+        return None
+    return ImageBytes(bytes(n), f"{name} (in-memory, sha1 {hashlib.sha1(n).hexdigest()[:10]})")
+
+
+def image_paths(record: dict, root: Path) -> list:
+    """The record's images: Paths inside root, or ImageBytes for images held in the data itself."""
     img = record.get("image", record.get("images"))
     if img is None:
         return []
     names = img if isinstance(img, list) else [img]
     out = []
     for n in names:
+        held = n if isinstance(n, ImageBytes) else _in_memory(n)
+        if held is not None:
+            out.append(held)
+            continue
+        if isinstance(n, dict) and isinstance(n.get("path"), str):
+            n = n["path"]
         if not isinstance(n, str) or not n:
             raise ValueError(f"image path is not a string: {n!r}")
         p = (root / n).resolve()
@@ -100,7 +165,7 @@ def check_image(p: Path, decode: bool = False) -> None:
     """Raise ValueError for a missing, unreadable, empty or enormous image (header only unless decode)."""
     from PIL import Image
     try:
-        with Image.open(p) as im:
+        with Image.open(_image_file(p)) as im:
             w, h = im.size
             if w * h > MAX_IMAGE_PIXELS:
                 raise ValueError(f"image of {w}x{h} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit: {p}")
@@ -120,7 +185,7 @@ def open_rgb(p: Path):
     """An RGB image from any PIL mode: transparency over white, 16-bit and float scaled to 8 bits."""
     import numpy as np
     from PIL import Image
-    with Image.open(p) as im:
+    with Image.open(_image_file(p)) as im:
         im.load()
         if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             a = np.asarray(im, dtype=np.float32)
@@ -218,20 +283,23 @@ def parse_record(rec, root: Path, encoder: Encoder | None, for_generation: bool 
 
 
 def _where(p: Path, line: int) -> str:
-    return f"{p}:{line}" if p.suffix != ".json" else f"{p} record {line}"
+    if p.suffix == ".jsonl" or (p.is_file() and p.suffix not in (".json", ".parquet")):
+        return f"{p}:{line}"
+    return f"{p} record {line}" if p.suffix == ".json" else f"{p} row {line}"
 
 
 def load_examples(path: str | Path, encoder: Encoder, on_error: str = "fail", for_generation: bool = False,
-                  image_root: str | Path | None = None) -> tuple[list[Example], list[str]]:
+                  image_root: str | Path | None = None, columns: dict | None = None) -> tuple[list[Example], list[str]]:
     """Encode every record of a file; returns the examples and, with on_error=skip, what was skipped."""
     if on_error not in ("fail", "skip"):
         raise UserError(f"data.on_error must be fail or skip, got '{on_error}'")
+    from .formats import rename_columns
     p = Path(path)
-    root = Path(image_root) if image_root else p.parent
+    root = Path(image_root) if image_root else p if p.is_dir() else p.parent
     examples, skipped = [], []
-    for line, rec in read_records(p):
+    for line, rec in read_records(path):
         try:
-            ex = parse_record(rec, root, encoder, for_generation)
+            ex = parse_record(rename_columns(rec, columns), root, encoder, for_generation)
         except ValueError as e:
             if on_error == "fail":
                 raise UserError(f"{_where(p, line)}: {e}") from None
@@ -244,14 +312,15 @@ def load_examples(path: str | Path, encoder: Encoder, on_error: str = "fail", fo
     return examples, skipped
 
 
-def validate(path: str | Path, encoder: Encoder | None = None) -> tuple[int, list[str]]:
+def validate(path: str | Path, encoder: Encoder | None = None, columns: dict | None = None) -> tuple[int, list[str]]:
     """Every problem of a data set at once (images fully decoded): (records, problems)."""
+    from .formats import rename_columns
     p = Path(path)
     problems, n = [], 0
-    for line, rec in read_records(p):
+    for line, rec in read_records(path):
         n += 1
         try:
-            parse_record(rec, p.parent, encoder, decode_images=True)
+            parse_record(rename_columns(rec, columns), p if p.is_dir() else p.parent, encoder, decode_images=True)
         except ValueError as e:
             problems.append(f"{_where(p, line)}: {e}")
     return n, problems

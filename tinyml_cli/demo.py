@@ -20,9 +20,13 @@ QUICK_TINY = {"llm_steps": 3, "vision_steps": 3, "n_scenes": 300}
 
 
 def _eval(folder: Path, cfg) -> dict:
+    import json
+
     from .evaluate import evaluate_model
     from .model import load_model
     metrics, _ = evaluate_model(load_model(folder), cfg.data.eval, cfg)
+    # beside the run's metrics.jsonl, where `tinyml report` finds it for its eval table
+    (folder / "eval_metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 

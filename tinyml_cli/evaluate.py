@@ -78,7 +78,7 @@ def score(examples: list, preds: list[str]) -> dict:
 def eval_examples(model, path: str, cfg):
     from .data import Encoder, load_examples
     enc = Encoder(model.tokenizer, model.num_image_tokens, cfg.data.max_length, cfg.data.system_prompt)
-    examples, _ = load_examples(path, enc, cfg.data.on_error, for_generation=True)
+    examples, _ = load_examples(path, enc, cfg.data.on_error, for_generation=True, columns=cfg.data.columns)
     for e in examples:  # the answer is the record's `answer`, else its last assistant turn
         if "answer" not in e.meta and e.meta["messages"][-1]["role"] == "assistant":
             e.meta["answer"] = e.meta["messages"][-1]["content"]

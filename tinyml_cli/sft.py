@@ -159,7 +159,7 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, command: str, resume: bool = Fa
     torch.manual_seed(cfg.train.seed)
     model = setup_model(cfg)
     enc = Encoder(model.tokenizer, model.num_image_tokens, cfg.data.max_length, cfg.data.system_prompt)
-    examples, skipped = load_examples(cfg.data.train, enc, cfg.data.on_error)
+    examples, skipped = load_examples(cfg.data.train, enc, cfg.data.on_error, columns=cfg.data.columns)
     collate = Collator(model.tokenizer.pad_token_id, ImageLoader(model.image_processor))
     main_process = process_state().is_main_process  # with several processes, one writes the outputs
     if main_process:

@@ -129,8 +129,11 @@ def train(model, examples: list, collate, step_fn, tcfg, out_dir: Path, resume: 
     from accelerate import Accelerator
     from transformers import get_scheduler
 
+    from . import tracking
+    report_to = tracking.trackers(tcfg.report_to)
     acc = accelerator or Accelerator(mixed_precision=mixed_precision(tcfg.mixed_precision),
-                                     cpu=not torch.cuda.is_available())  # see process_state
+                                     cpu=not torch.cuda.is_available(),  # see process_state
+                                     log_with=report_to or None, project_dir=out_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("nothing to train: the recipe leaves every parameter frozen")
@@ -154,6 +157,7 @@ def train(model, examples: list, collate, step_fn, tcfg, out_dir: Path, resume: 
     for _ in range(start * tcfg.grad_accum):  # fast-forward the data order to where the run stopped
         next(batches)
 
+    tracking.start(acc, report_to, tcfg, out_dir)
     model.train()
     log = open(out_dir / "metrics.jsonl", "a" if resume else "w", encoding="utf-8") if acc.is_main_process else None
     losses, tokens, t0 = [], 0, time.time()
@@ -193,15 +197,19 @@ def train(model, examples: list, collate, step_fn, tcfg, out_dir: Path, resume: 
         last_metrics = {"step": step + 1, "epoch": epoch, "loss": step_loss, "lr": sched.get_last_lr()[0],
                         "grad_norm": float(grad_norm) if grad_norm is not None else None,
                         "tokens_per_s": tps, **step_metrics}
-        if log and ((step + 1) % tcfg.log_every == 0 or step + 1 == steps or step == start):
-            log.write(json.dumps(last_metrics) + "\n")
-            log.flush()
+        if (step + 1) % tcfg.log_every == 0 or step + 1 == steps or step == start:
+            if log:
+                log.write(json.dumps(last_metrics) + "\n")
+                log.flush()
+            tracking.log(acc, report_to, last_metrics)
         if progress:
             progress(step + 1, steps, step_loss, tps)
         if tcfg.save_every and (step + 1) % tcfg.save_every == 0 and step + 1 < steps and acc.is_main_process:
             save_checkpoint(out_dir, step + 1, acc.unwrap_model(model), opt, sched, tcfg.keep_last)
     if log:
         log.close()
+    if report_to:
+        acc.end_training()
     seconds = time.time() - t0
     return {"steps": steps, "resumed_from": start, "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None, "tokens_per_s": tokens / max(seconds, 1e-9),
