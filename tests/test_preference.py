@@ -108,3 +108,35 @@ def test_ppo(tiny, prefs, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # first rollout: policy == reference
     assert rows[1]["kl_ctl"] != rows[0]["kl_ctl"]  # the adaptive controller moved
+
+
+@pytest.mark.slow
+def test_demo_quick_full_reports_the_preference_metrics(tmp_path):
+    r = _run(["demo", "--quick", "--full", "--json", "-o", str(tmp_path / "demo")])
+    m = r["metrics"]
+    for k in ["reward_accuracy", "pref_accuracy_sft", "pref_accuracy_dpo", "pope_fp_rate_sft", "pope_fp_rate_dpo",
+              "ppo_score_first", "ppo_score_last", "ppo_kl_last"]:
+        assert isinstance(m[k], float), k
+    assert 0 <= m["pope_fp_rate_dpo"] <= 1 and {"reward", "dpo", "ppo"} <= set(m["stage_seconds"])
+    assert (tmp_path / "demo" / "ppo" / "value_head.safetensors").is_file()
+
+
+@pytest.mark.parametrize("command", ["reward", "reward score", "dpo", "ppo", "data synth-preferences"])
+def test_preference_commands_have_help_with_an_example(command):
+    from test_cli import tinyml
+    r = tinyml(*command.split(), "--help")
+    assert r.returncode == 0, r.stderr
+    assert "Example: tinyml" in r.stdout
+
+
+def test_bad_preference_input_is_a_user_error(tmp_path, prefs):
+    from test_cli import tinyml
+    r = tinyml("dpo", "--set", "pref.loss_type=hinge", "--set", f"data.train={prefs / 'pref_train.jsonl'}",
+               "-o", tmp_path / "d")
+    assert r.returncode == 2 and "pref.loss_type" in r.stderr and "Traceback" not in r.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "hi", "chosen": "a"}) + "\n")
+    from tinyml_cli import UserError
+    from tinyml_cli.data import Encoder
+    with pytest.raises(UserError, match=r"bad.jsonl:1: .*'rejected'"):
+        load_pairs(bad, Encoder.__new__(Encoder))

@@ -200,20 +200,21 @@ def data_validate(file: Path = typer.Argument(..., help="A JSON / JSONL data fil
 @app.command()
 def demo(output_dir: Path = typer.Option(Path("runs/demo"), "--output-dir", "-o", help="Folder for everything the demo makes."),
          quick: bool = typer.Option(False, "--quick", help="Smoke test: a few steps of every stage (accuracy is meaningless)."),
+         full: bool = typer.Option(False, "--full", help="Add the later stages after sft: reward -> dpo -> ppo on hallucination pairs."),
          json_mode: bool = JsonOpt):
-    """The whole pipeline on CPU in minutes: tiny default -> data -> pretrain-align -> sft -> eval.
+    """The whole pipeline on CPU in minutes: tiny default -> data -> pretrain-align -> sft -> eval (--full: -> reward -> dpo -> ppo).
 
     Example: tinyml demo --json
     """
     from . import ui
     from .demo import run_demo
     ui.quiet_libraries()
-    result = run_demo(output_dir, ui.console(json_mode), quick=quick)
+    result = run_demo(output_dir, ui.console(json_mode), quick=quick, full=full)
     ui.emit(result, json_mode)
 
 
 # ------------------------------------------------------------------------------------ preference stages
-reward_app = typer.Typer(help="Train a reward model (Bradley-Terry) on preference pairs, or score pairs with one.")
+reward_app = typer.Typer()  # help: the docstring of its callback below
 app.add_typer(reward_app, name="reward")
 
 
