@@ -77,6 +77,9 @@ def run_ppo(cfg: RunConfig, out_dir: str | Path, progress=None) -> dict:
     critic = ScalarHead(model, init_std=0.0)  # values start at 0
     critic.head.requires_grad_(True)
     pairs, _ = load_pairs(cfg.data.train, enc, cfg.data.on_error)
+    if len({len(p.prompt.images) for p in pairs}) > 1 or len(pairs[0].prompt.images) > 1:
+        # minibatches index the rollout's tensors by row, pixel_values included: one image per row
+        raise UserError("ppo: every prompt needs exactly one image (or every prompt none)")
     images = ImageLoader(model.image_processor)
     collate = Collator(model.tokenizer.pad_token_id, images)
     gen_collate = Collator(model.tokenizer.pad_token_id, images, left_pad=True)
