@@ -236,15 +236,16 @@ def data_validate(file: Path = typer.Argument(..., help="A JSON / JSONL data fil
 @app.command()
 def demo(output_dir: Path = typer.Option(Path("runs/demo"), "--output-dir", "-o", help="Folder for everything the demo makes."),
          quick: bool = typer.Option(False, "--quick", help="Smoke test: a few steps of every stage (accuracy is meaningless)."),
+         full: bool = typer.Option(False, "--full", help="Add the later stages after sft: reward -> dpo -> ppo on hallucination pairs."),
          json_mode: bool = JsonOpt):
-    """The whole pipeline on CPU in minutes: tiny default -> data -> pretrain-align -> sft -> eval.
+    """The whole pipeline on CPU in minutes: tiny default -> data -> pretrain-align -> sft -> eval (--full: -> reward -> dpo -> ppo).
 
     Example: tinyml demo --json
     """
     from . import ui
     from .demo import run_demo
     ui.quiet_libraries()
-    result = run_demo(output_dir, ui.console(json_mode), quick=quick)
+    result = run_demo(output_dir, ui.console(json_mode), quick=quick, full=full)
     ui.emit(result, json_mode)
 
 
@@ -425,6 +426,101 @@ def recipes_keys(json_mode: bool = JsonOpt):
         return
     for k, d, h in rows:
         typer.echo(f"{k:32} {str(d):14} {h}")
+
+
+# ------------------------------------------------------------------------------------ preference stages
+reward_app = typer.Typer()  # help: the docstring of its callback below
+app.add_typer(reward_app, name="reward")
+
+
+def _pref_command(command: str, config, sets, output_dir, json_mode, resume, overwrite, run):
+    from . import ui
+    ui.quiet_libraries()
+    cfg = _config(config, sets, {"train.parts": ["connector", "llm"]})
+    out = Path(output_dir or f"runs/{command}")
+    _prepare_output(out, resume, overwrite)
+    with ui.training_bar(ui.console(json_mode), command) as bar:
+        result = run(cfg, out, progress=bar, **({"resume": resume} if resume else {}))
+    ui.emit(result, json_mode)
+
+
+@reward_app.callback(invoke_without_command=True)
+def reward(ctx: typer.Context, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+           output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run folder (default runs/reward)."),
+           json_mode: bool = JsonOpt,
+           resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the output folder."),
+           overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in the output folder.")):
+    """Reward model: the LMM with a scalar head on the last response token, Bradley-Terry loss on chosen / rejected.
+
+    Example: tinyml reward -c tiny_reward -o runs/reward
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from .reward import run_reward
+    _pref_command("reward", config, set_, output_dir, json_mode, resume, overwrite, run_reward)
+
+
+@reward_app.command("score")
+def reward_score(data: Path = typer.Argument(..., help="Preference JSONL (image, prompt, chosen, rejected)."),
+                 model_dir: Path = typer.Option(..., "--model", "-m", help="A reward model folder (tinyml reward)."),
+                 scores: Optional[Path] = typer.Option(None, "--output", help="Write one JSON line of scores per pair here."),
+                 config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, json_mode: bool = JsonOpt):
+    """Score the chosen and rejected answers of every pair; reports pairwise accuracy and mean margin.
+
+    Example: tinyml reward score runs/prefs/pref_eval.jsonl --model runs/reward --json
+    """
+    from . import ui
+    from .reward import run_score
+    ui.quiet_libraries()
+    ui.emit(run_score(model_dir, data, _config(config, set_), scores), json_mode)
+
+
+@app.command()
+def dpo(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+        output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run folder (default runs/dpo)."),
+        json_mode: bool = JsonOpt,
+        resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the output folder."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in the output folder.")):
+    """Direct preference optimisation (pref.loss_type sigmoid = DPO, ipo = IPO; pref.label_smoothing > 0 = cDPO).
+
+    Example: tinyml dpo -c tiny_dpo -o runs/dpo --set pref.beta=0.1
+    """
+    from .dpo import run_dpo
+    _pref_command("dpo", config, set_, output_dir, json_mode, resume, overwrite, run_dpo)
+
+
+@app.command()
+def ppo(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+        output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run folder (default runs/ppo)."),
+        json_mode: bool = JsonOpt,
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in the output folder.")):
+    """PPO (RLHF): sample, score (exact_match or a reward model folder), KL-penalised GAE, clipped policy / value losses.
+
+    Example: tinyml ppo -c tiny_ppo -o runs/ppo --set ppo.reward=runs/reward
+    """
+    from .ppo import run_ppo
+    _pref_command("ppo", config, set_, output_dir, json_mode, False, overwrite, run_ppo)
+
+
+@data_app.command("synth-preferences")
+def synth_preferences(output_dir: Path = typer.Argument(..., help="Folder for images/, pref_train.jsonl, pref_eval.jsonl, pope_probe.jsonl."),
+                      n: int = typer.Option(2000, "--n", help="Training pairs (one scene each)."),
+                      n_eval: int = typer.Option(200, "--n-eval", help="Held-out pairs."),
+                      n_probe: int = typer.Option(300, "--n-probe", help="Held-out POPE probe questions (three-object scenes)."),
+                      seed: int = typer.Option(1, help="Random seed (differs from synth-shapes' default)."),
+                      json_mode: bool = JsonOpt):
+    """Hallucination preference pairs on new shapes scenes: the rejected answer swaps in a wrong colour, shape, count, side or an absent object.
+
+    Example: tinyml data synth-preferences runs/prefs --n 2000
+    """
+    from . import ui
+    from .synth import synth_preferences as synth
+    if n < 1 or n_eval < 0 or n_probe < 0:
+        raise UserError("--n must be at least 1, --n-eval and --n-probe at least 0")
+    files = synth(output_dir, n=n, n_eval=n_eval, n_probe=n_probe, seed=seed)
+    images = files.pop("images")
+    ui.emit({"command": "data synth-preferences", "output_dir": str(output_dir), "metrics": {"images": images},
+             "artifacts": files}, json_mode)
 
 
 def version_callback(value: bool):

@@ -98,12 +98,43 @@ class GenConfig:
 
 
 @dataclass
+class PrefConfig:
+    beta: float = _f(0.1, "dpo: strength of the pull towards the reference (higher: stay closer)")
+    loss_type: str = _f("sigmoid", "dpo: sigmoid (DPO) | ipo (IPO)")
+    label_smoothing: float = _f(0.0, "dpo: conservative DPO, the assumed share of flipped labels (0: plain DPO)")
+    precompute_ref: bool = _f(True, "dpo: reference log-probs once before training (no reference model in memory)")
+    margin: float = _f(0.0, "reward: Bradley-Terry margin, -log sigmoid(r_chosen - r_rejected - margin)")
+
+
+@dataclass
+class PPOConfig:
+    reward: str = _f("exact_match", "exact_match (answer == chosen of the record) | a reward model folder")
+    rollouts: int = _f(20, "generate -> score -> update rounds")
+    rollout_size: int = _f(64, "prompts sampled per rollout")
+    epochs: int = _f(2, "passes over each rollout")
+    minibatch: int = _f(32, "responses per optimizer step")
+    temperature: float = _f(1.0, "sampling temperature of the rollouts")
+    max_new_tokens: int = _f(4, "tokens generated per response")
+    kl_ctl: float = _f(0.05, "weight of the per-token KL penalty (initial value when adaptive)")
+    adaptive_kl: bool = _f(False, "adapt kl_ctl towards kl_target (Ziegler et al. 2019)")
+    kl_target: float = _f(0.5, "adaptive_kl: target KL per response")
+    kl_horizon: int = _f(1000, "adaptive_kl: responses over which kl_ctl may change by about e")
+    gamma: float = _f(1.0, "GAE discount")
+    lam: float = _f(0.95, "GAE lambda")
+    clip: float = _f(0.2, "policy ratio clip range")
+    value_clip: float = _f(0.2, "value clip range around the rollout's values")
+    vf_coef: float = _f(0.5, "weight of the value loss (the critic shares the policy's backbone)")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     gen: GenConfig = field(default_factory=GenConfig)
+    pref: PrefConfig = field(default_factory=PrefConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -30,7 +30,17 @@ def _eval(folder: Path, cfg) -> dict:
     return metrics
 
 
-def run_demo(out: str | Path, con, quick: bool = False) -> dict:
+def _preference(out: Path, con, quick: bool):
+    from .pref_demo import run_preference_stages
+    return run_preference_stages(out, out / "sft", con, quick)
+
+
+# Stages `--full` adds after sft, in order: each takes (out, console, quick) and returns
+# (metrics, seconds per stage, artifacts), merged into the demo's result.
+FULL_STAGES = [_preference]
+
+
+def run_demo(out: str | Path, con, quick: bool = False, full: bool = False) -> dict:
     from .sft import run_sft
     from .synth import synth_shapes
     from .tiny import build_tiny
@@ -84,7 +94,13 @@ def run_demo(out: str | Path, con, quick: bool = False) -> dict:
         "sft_loss_first": sft["metrics"]["loss_first"], "sft_loss_last": sft["metrics"]["loss_last"],
         "stage_seconds": seconds, "seconds": time.time() - t0,
     }
-    return {"command": "demo", "output_dir": str(out), "metrics": metrics,
-            "artifacts": {"tiny": str(out / "tiny"), "data": str(out / "shapes"), "align": str(out / "align"),
-                          "sft": str(out / "sft")},
+    artifacts = {"tiny": str(out / "tiny"), "data": str(out / "shapes"), "align": str(out / "align"),
+                 "sft": str(out / "sft")}
+    for stage in FULL_STAGES if full else []:
+        m, secs, arts = stage(out, con, quick)
+        metrics.update(m)
+        seconds.update(secs)
+        artifacts.update(arts)
+    metrics["seconds"] = time.time() - t0
+    return {"command": "demo", "output_dir": str(out), "metrics": metrics, "artifacts": artifacts,
             "trainable_params": sft["trainable_params"], "total_params": sft["total_params"]}

@@ -153,3 +153,80 @@ def synth_shapes(out: str | Path, n: int = 4000, n_eval: int = 200, seed: int = 
     write_jsonl(out / "eval.jsonl", evals)
     return {"captions": str(out / "captions.jsonl"), "train": str(out / "train.jsonl"),
             "eval": str(out / "eval.jsonl"), "images": n + n_eval}
+
+
+# ------------------------------------------------------------------------------------- preference pairs
+PREF_TYPES = ["color", "shape", "count", "existence", "position"]
+
+
+def binding_swap(objs: list[Obj], rng: random.Random) -> tuple[str, str] | None:
+    """An absent object made of a present colour and a present shape of two different objects (attribute binding)."""
+    present = {(o.color, o.shape) for o in objs}
+    swaps = [(a.color, b.shape) for a in objs for b in objs if a is not b and (a.color, b.shape) not in present]
+    return rng.choice(swaps) if swaps else None
+
+
+def hallucinated_pair(kind: str, objs: list[Obj], rng: random.Random) -> tuple[str, str, str]:
+    """(question, chosen, rejected): the rejected answer differs from the right one only in what it hallucinates."""
+    o = rng.choice(objs)
+    others = [x for x in objs if x is not o]
+    if kind == "color":  # another object's colour half the time (a binding error), else any wrong colour
+        wrong = rng.choice(others).color if others and rng.random() < 0.5 else rng.choice([c for c in COLORS if c != o.color])
+        return f"What color is the {o.shape}?", o.color, wrong
+    if kind == "shape":
+        wrong = rng.choice(others).shape if others and rng.random() < 0.5 else rng.choice([s for s in SHAPES if s != o.shape])
+        return f"What shape is the {o.color} object?", o.shape, wrong
+    if kind == "count":
+        return "How many objects are there?", NUMBERS[len(objs)], rng.choice([w for k, w in NUMBERS.items() if k != len(objs)])
+    if kind == "existence":
+        if rng.random() < 0.5:  # a present object: denying it is the error (keeps the data from teaching "always no")
+            return f"Is there a {o.name} in the image?", "yes", "no"
+        absent = (binding_swap(objs, rng) if rng.random() < 0.5 else None) or absent_object(objs, rng)
+        return f"Is there a {absent[0]} {absent[1]} in the image?", "no", "yes"
+    if kind == "position":
+        return f"Is the {o.name} on the left or the right?", o.side, "right" if o.side == "left" else "left"
+    raise ValueError(kind)
+
+
+def _pref_record(i: int, name: str, objs: list[Obj], kind: str, rng: random.Random) -> dict:
+    prompt = []
+    if rng.random() < 0.3:  # multi-turn: an earlier question answered correctly
+        q0, a0 = question(rng.choice(QUESTION_TYPES), objs, rng)
+        prompt += [{"role": "user", "content": "<image>\n" + q0}, {"role": "assistant", "content": a0}]
+    q, good, bad = hallucinated_pair(kind, objs, rng)
+    prompt.append({"role": "user", "content": q if prompt else "<image>\n" + q})
+    return {"id": f"pref{i}-{kind}", "image": name, "type": kind, "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": good}], "rejected": [{"role": "assistant", "content": bad}]}
+
+
+def synth_preferences(out: str | Path, n: int = 2000, n_eval: int = 200, n_probe: int = 300, seed: int = 1) -> dict:
+    """Write images/, pref_train.jsonl, pref_eval.jsonl (TRL-style `prompt` / `chosen` / `rejected`) and pope_probe.jsonl.
+
+    Each scene gives one pair of a random type. pope_probe.jsonl is a harder, held-out POPE split in the eval
+    format: scenes of three objects, and every absent object is a binding swap (the colour of one object with
+    the shape of another: "Is there a red circle?" next to a red square and a blue circle).
+    """
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    train, evals, probe = [], [], []
+    for i in range(n + n_eval + n_probe):
+        objs = random_scene(rng)
+        if i >= n + n_eval:
+            while len(objs) < 3:
+                objs = random_scene(rng)
+        name = f"images/{i:06d}.png"
+        draw_scene(objs, rng).save(out / name)
+        if i < n + n_eval:
+            (train if i < n else evals).append(_pref_record(i, name, objs, rng.choice(PREF_TYPES), rng))
+            continue
+        o = rng.choice(objs)
+        c, s = (o.color, o.shape) if rng.random() < 0.5 else binding_swap(objs, rng)
+        answer = "yes" if (c, s) in {(x.color, x.shape) for x in objs} else "no"
+        probe.append({"id": f"probe{i}", "image": name, "type": "existence", "answer": answer,
+                      "conversations": _conv([(f"Is there a {c} {s} in the image?", answer)])})
+    write_jsonl(out / "pref_train.jsonl", train)
+    write_jsonl(out / "pref_eval.jsonl", evals)
+    write_jsonl(out / "pope_probe.jsonl", probe)
+    return {"train": str(out / "pref_train.jsonl"), "eval": str(out / "pref_eval.jsonl"),
+            "pope_probe": str(out / "pope_probe.jsonl"), "images": n + n_eval + n_probe}

@@ -1,0 +1,142 @@
+"""Preference data, the reward / dpo / ppo commands end to end on the tiny default (a few steps each)."""
+
+import json
+
+import pytest
+import torch
+
+from tinyml_cli.preference import Pair, load_pairs, response_only, token_logps
+
+
+@pytest.fixture(scope="session")
+def prefs(tmp_path_factory):
+    from tinyml_cli.synth import synth_preferences
+    out = tmp_path_factory.mktemp("prefs")
+    synth_preferences(out, n=24, n_eval=8, n_probe=6, seed=3)
+    return out
+
+
+def test_synth_preferences_differ_only_in_the_hallucination(prefs):
+    recs = [json.loads(line) for line in (prefs / "pref_train.jsonl").read_text().splitlines()]
+    assert len(recs) == 24
+    for r in recs:
+        good, bad = r["chosen"][0]["content"], r["rejected"][0]["content"]
+        assert good != bad and r["prompt"][-1]["role"] == "user" and "<image>" in r["prompt"][0]["content"]
+        if r["type"] == "existence":
+            assert {good, bad} == {"yes", "no"}
+    probe = [json.loads(line) for line in (prefs / "pope_probe.jsonl").read_text().splitlines()]
+    assert probe and all(p["type"] == "existence" and p["answer"] in ("yes", "no") for p in probe)
+
+
+def test_response_only_keeps_the_last_assistant_turn():
+    assert response_only([-100, 5, 6, -100, -100, 7, 8, -100]) == [-100] * 5 + [7, 8, -100]
+
+
+def test_pairs_encode_labels_on_the_response_only(tiny_model, prefs):
+    from tinyml_cli.data import Encoder
+    m = tiny_model
+    enc = Encoder(m.tokenizer, m.num_image_tokens, 160)
+    pairs, _ = load_pairs(prefs / "pref_train.jsonl", enc)
+    for p in pairs:
+        n = len(p.prompt.input_ids)
+        # the prompt (earlier assistant turns included) is context: no label before the response starts
+        assert all(x == -100 for x in p.chosen.labels[:n - 1])
+        text = m.tokenizer.decode([x for x in p.chosen.labels if x != -100], skip_special_tokens=True)
+        assert text.strip() == p.meta["answer"]
+
+
+def test_token_logps_match_the_model_loss(tiny_model, prefs):
+    from tinyml_cli.data import Encoder
+    from tinyml_cli.preference import collator_for
+    m = tiny_model.eval()
+    enc = Encoder(m.tokenizer, m.num_image_tokens, 160)
+    pairs, _ = load_pairs(prefs / "pref_eval.jsonl", enc)
+    b = collator_for(m)(pairs[:3])
+    with torch.no_grad():
+        lp, mask = token_logps(m, b["input_ids"], b["attention_mask"], b["labels"], b["pixel_values"])
+        loss = m(**b)
+    assert torch.isclose(-lp[mask].mean(), loss, atol=1e-5)  # mean NLL over response tokens = the sft loss
+    assert (lp[~mask] == 0).all()
+
+
+def _run(cli_args):
+    from typer.testing import CliRunner
+
+    from tinyml_cli.cli import app
+    res = CliRunner().invoke(app, cli_args)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _sets(tiny, prefs, *extra):
+    base = [f"model.llm={tiny / 'llm'}", f"model.vision={tiny / 'vision'}", f"data.train={prefs / 'pref_train.jsonl'}",
+            f"data.eval={prefs / 'pref_eval.jsonl'}", "train.batch_size=4", "train.max_steps=3", *extra]
+    return [x for s in base for x in ("--set", s)]
+
+
+@pytest.mark.slow
+def test_reward_train_and_score(tiny, prefs, tmp_path):
+    r = _run(["reward", *_sets(tiny, prefs), "-o", str(tmp_path / "rm"), "--json"])
+    m = r["metrics"]
+    assert r["command"] == "reward" and m["steps"] == 3 and 0 <= m["eval_accuracy"] <= 1 and m["eval_pairs"] == 8
+    assert (tmp_path / "rm" / "reward_head.safetensors").is_file() and (tmp_path / "rm" / "metrics.jsonl").is_file()
+    s = _run(["reward", "score", str(prefs / "pref_eval.jsonl"), "--model", str(tmp_path / "rm"), "--json",
+              "--output", str(tmp_path / "scores.jsonl")])
+    assert s["metrics"]["accuracy"] == pytest.approx(m["eval_accuracy"]) and s["metrics"]["pairs"] == 8
+    assert len((tmp_path / "scores.jsonl").read_text().splitlines()) == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["pref.loss_type=ipo"], ["peft.method=lora", "pref.precompute_ref=false"]],
+                         ids=["dpo", "ipo", "lora-live-reference"])
+def test_dpo(tiny, prefs, tmp_path, extra):
+    r = _run(["dpo", *_sets(tiny, prefs, "train.lr=1e-3", *extra), "-o", str(tmp_path / "dpo"), "--json"])
+    m = r["metrics"]
+    assert m["steps"] == 3 and 0 <= m["eval_pref_accuracy"] <= 1 and "rewards_margin" in m
+    if not extra:  # the first step starts at the reference: DPO loss log 2
+        first = json.loads((tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert (tmp_path / "dpo" / "tinyml_model.json").is_file()
+
+
+@pytest.mark.slow
+def test_ppo(tiny, prefs, tmp_path):
+    r = _run(["ppo", *_sets(tiny, prefs, "ppo.rollouts=2", "ppo.rollout_size=6", "ppo.minibatch=3",
+                                   "ppo.adaptive_kl=true"), "-o", str(tmp_path / "ppo"), "--json"])
+    m = r["metrics"]
+    assert m["rollouts"] == 2 and 0 <= m["score_last"] <= 1 and m["kl_last"] == m["kl_last"]
+    rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # first rollout: policy == reference
+    assert rows[1]["kl_ctl"] != rows[0]["kl_ctl"]  # the adaptive controller moved
+
+
+@pytest.mark.slow
+def test_demo_quick_full_reports_the_preference_metrics(tmp_path):
+    r = _run(["demo", "--quick", "--full", "--json", "-o", str(tmp_path / "demo")])
+    m = r["metrics"]
+    for k in ["reward_accuracy", "pref_accuracy_sft", "pref_accuracy_dpo", "pope_fp_rate_sft", "pope_fp_rate_dpo",
+              "ppo_score_first", "ppo_score_last", "ppo_kl_last"]:
+        assert isinstance(m[k], float), k
+    assert 0 <= m["pope_fp_rate_dpo"] <= 1 and {"reward", "dpo", "ppo"} <= set(m["stage_seconds"])
+    assert (tmp_path / "demo" / "ppo" / "value_head.safetensors").is_file()
+
+
+@pytest.mark.parametrize("command", ["reward", "reward score", "dpo", "ppo", "data synth-preferences"])
+def test_preference_commands_have_help_with_an_example(command):
+    from test_cli import tinyml
+    r = tinyml(*command.split(), "--help")
+    assert r.returncode == 0, r.stderr
+    assert "Example: tinyml" in r.stdout
+
+
+def test_bad_preference_input_is_a_user_error(tmp_path, prefs):
+    from test_cli import tinyml
+    r = tinyml("dpo", "--set", "pref.loss_type=hinge", "--set", f"data.train={prefs / 'pref_train.jsonl'}",
+               "-o", tmp_path / "d")
+    assert r.returncode == 2 and "pref.loss_type" in r.stderr and "Traceback" not in r.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "hi", "chosen": "a"}) + "\n")
+    from tinyml_cli import UserError
+    from tinyml_cli.data import Encoder
+    with pytest.raises(UserError, match=r"bad.jsonl:1: .*'rejected'"):
+        load_pairs(bad, Encoder.__new__(Encoder))
