@@ -35,9 +35,27 @@ def _preference(out: Path, con, quick: bool):
     return run_preference_stages(out, out / "sft", con, quick)
 
 
+def _edge(out: Path, con, quick: bool):
+    from .edge import edge_demo_metrics
+    t = time.time()
+    with con.status("export: ONNX fp32 and int4, hf-llava; greedy parity and held-out accuracy..."):
+        m = edge_demo_metrics(out / "sft", out / "shapes" / "eval.jsonl", out / "edge")
+    return m, {"edge": time.time() - t}, {"onnx": str(out / "edge" / "onnx"), "onnx_int4": str(out / "edge" / "onnx-int4"),
+                                          "hf_llava": str(out / "edge" / "hf-llava")}
+
+
+def _bitdelta(out: Path, con, quick: bool):
+    from .bitdelta_run import bitdelta_demo_metrics
+    shutil.rmtree(out / "bitdelta", ignore_errors=True)
+    t = time.time()
+    with ui.training_bar(con, "bitdelta scale distillation") as bar:
+        m = bitdelta_demo_metrics(out / "align", out / "sft", out / "shapes" / "eval.jsonl", out / "bitdelta", progress=bar)
+    return m, {"bitdelta": time.time() - t}, {"bitdelta": str(out / "bitdelta")}
+
+
 # Stages `--full` adds after sft, in order: each takes (out, console, quick) and returns
 # (metrics, seconds per stage, artifacts), merged into the demo's result.
-FULL_STAGES = [_preference]
+FULL_STAGES = [_preference, _edge, _bitdelta]
 
 
 def run_demo(out: str | Path, con, quick: bool = False, full: bool = False) -> dict:
