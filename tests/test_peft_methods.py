@@ -197,7 +197,7 @@ def test_virtual_tokens_train_save_and_generate(tiny_cfg, shapes, tmp_path, meth
         assert torch.equal(together[i][:len(alone)], alone), i
 
 
-@pytest.mark.parametrize("method", ["qlora", "ia3", "prompt-tuning", "prefix-tuning"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "dora", "ia3", "prompt-tuning", "prefix-tuning"])
 def test_llm_only_methods_refuse_other_parts(tiny_cfg, method):
     cfg = tiny_cfg(f"peft.method={method}", "peft.parts=[llm,vision]")
     with pytest.raises(UserError, match="applies to the LLM only"):

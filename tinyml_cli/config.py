@@ -77,8 +77,7 @@ class TrainConfig:
 class PeftConfig:
     method: str = _f("freeze", "full (every weight) | freeze (train.parts) | lora | qlora (4-bit LLM + LoRA) | dora | ia3 | "
                                "bitfit (biases only) | adapter (Houlsby bottlenecks) | prompt-tuning | prefix-tuning")
-    parts: list = _f(["llm"], "where lora / dora / bitfit / adapter apply: llm, vision, connector "
-                              "(qlora, ia3, prompt-tuning and prefix-tuning: the LLM only)")
+    parts: list = _f(["llm"], "where bitfit / adapter apply: llm, vision, connector (the peft methods: llm only)")
     r: int = _f(8, "LoRA rank")
     alpha: int = _f(16, "LoRA alpha")
     dropout: float = _f(0.05, "LoRA dropout")

@@ -24,7 +24,7 @@ def encoder_layers(module):
 
 
 METHODS = ("full", "freeze", "lora", "qlora", "dora", "ia3", "bitfit", "adapter", "prompt-tuning", "prefix-tuning")
-LLM_ONLY = ("qlora", "ia3", "prompt-tuning", "prefix-tuning")
+LLM_ONLY = ("lora", "qlora", "dora", "ia3", "prompt-tuning", "prefix-tuning")  # peft adapters: on the LLM
 
 
 def _check_parts(key: str, parts) -> None:
@@ -68,9 +68,9 @@ def train_biases(model, parts: list[str]) -> None:
 def configure_trainable(model, cfg: RunConfig) -> None:
     """Set requires_grad from peft.method, peft.parts and train.parts.
 
-    `full` trains every weight and `freeze` the parts in train.parts. The other methods adapt the parts in
-    peft.parts: peft adapters (lora, dora, ia3, prompt / prefix tuning; qlora over an LLM loaded in 4-bit, see
-    `quantization_config`), the bias terms (bitfit) or tinyml's bottleneck adapters (adapter). Under them the
+    `full` trains every weight and `freeze` the parts in train.parts. The peft methods (lora, dora, ia3, prompt /
+    prefix tuning; qlora over an LLM loaded in 4-bit, see `quantization_config`) adapt the LLM; bitfit (bias
+    terms) and tinyml's bottleneck adapters (adapter) adapt the parts in peft.parts. Under them the
     base weights stay frozen: train.parts may add the connector or the vision tower in full, never the LLM.
     """
     method, parts = cfg.peft.method, set(cfg.train.parts)
