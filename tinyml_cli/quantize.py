@@ -58,9 +58,11 @@ def quantize_onnx(src: str | Path, out: str | Path, block_size: int = 32, symmet
 def quantize_bnb(model_dir: str | Path, out: str | Path, method: str = "nf4") -> dict:
     """Load a tinyml model's LLM through bitsandbytes (NF4 / FP4 4-bit or LLM.int8) and save that folder.
 
-    The saved `llm/` holds the quantized weights and loads back quantized by itself: for inference (`eval`,
-    `generate`) and as the frozen base of further QLoRA training (`sft --set model.init_from=OUT
-    --set peft.method=qlora`). A LoRA run's adapter stays beside it, unmerged.
+    The saved `llm/` holds the quantized weights and loads back quantized by itself, for inference (`eval`,
+    `generate`); a LoRA run's adapter stays beside it, unmerged. For further QLoRA training start `sft` from the
+    unquantized folder with `peft.method=qlora`, which quantizes the same way at load: training on top of the
+    saved 4-bit folder runs, but its final save fails in transformers 5.23 (re-saving a checkpoint that was
+    loaded pre-quantized raises NotImplementedError in its weight-conversion reversal).
     """
     import torch
     from transformers import BitsAndBytesConfig
