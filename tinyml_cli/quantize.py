@@ -10,10 +10,18 @@ embedding is a Conv, which the quantizer leaves in fp32.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from . import UserError
-from .export import ONNX_META, copy_runner_files, onnx_sizes
+from .onnx_runner import META as ONNX_META, onnx_sizes
+
+
+def copy_runner_files(src: str | Path, dst: str | Path) -> None:
+    """Everything but the graphs: tokenizer, image processor config, tinyml_onnx.json."""
+    for f in Path(src).iterdir():
+        if f.is_file() and f.suffix != ".onnx" and not f.name.endswith(".onnx.data"):
+            shutil.copy2(f, Path(dst) / f.name)
 
 
 def quantize_onnx(src: str | Path, out: str | Path, block_size: int = 32, symmetric: bool = False,
