@@ -169,3 +169,9 @@ def test_cli_bnb_nf4_reports_sizes_and_eval_change(trained, shapes, tmp_path):
     assert m["size_ratio"] < 0.6 and "vqa_accuracy_change" in m
     cfg = json.loads((tmp_path / "nf4" / "llm" / "config.json").read_text())
     assert cfg["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+
+
+@pytest.mark.parametrize("command", ["export", "quantize"])
+def test_edge_commands_have_help_with_an_example(command):
+    r = tinyml(command, "--help")
+    assert r.returncode == 0 and "Example: tinyml" in r.stdout

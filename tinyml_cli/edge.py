@@ -34,7 +34,8 @@ def edge_demo_metrics(model_dir: str | Path, eval_file: str | Path, out_dir: str
     - `int4_size_ratio`: bytes of the int4 export over the fp32 export (all graphs);
     - `vqa_accuracy_torch` / `vqa_accuracy_onnx` / `vqa_accuracy_int4`: held-out accuracy of each;
     - `hf_llava_max_logit_diff`: largest logit difference of the transformers LLaVA checkpoint (MLP connectors).
-    Writes `onnx/`, `onnx-int4/` and `hf-llava/` under out_dir.
+    `cfg` is the run's config (its `gen.max_new_tokens`, `data.max_length`, `data.system_prompt` are used; greedy
+    whatever `gen.temperature` says). Writes `onnx/`, `onnx-int4/` and `hf-llava/` under out_dir.
     """
     import time
 
@@ -52,22 +53,27 @@ def edge_demo_metrics(model_dir: str | Path, eval_file: str | Path, out_dir: str
     model = load_merged(model_dir)
     examples = eval_examples(model, cfg.data.eval, cfg)
     ref = torch_greedy_tokens(model, examples, n_new, cfg.gen.batch_size)
-    decode = model.tokenizer.decode
-    torch_acc = score(examples, [decode(t, skip_special_tokens=True).strip() for t in ref])["vqa_accuracy"]
+
+    def accuracy(tokens, decode) -> float:  # greedy answers scored like `tinyml eval`
+        return score(examples, [decode(t, skip_special_tokens=True).strip() for t in tokens])["vqa_accuracy"]
+    torch_acc = accuracy(ref, model.tokenizer.decode)
 
     export_onnx(model_dir, out / "onnx")
     fp32 = OnnxLMM(out / "onnx")
     onnx_tokens = greedy_tokens(fp32, examples, n_new, cfg.gen.batch_size)
     match = sum(a == b for a, b in zip(ref, onnx_tokens)) / len(ref)
-    onnx_acc = score(examples, fp32.answers(examples, cfg.gen))["vqa_accuracy"]
+    onnx_acc = accuracy(onnx_tokens, fp32.tokenizer.decode)
 
     q = quantize_onnx(out / "onnx", out / "onnx-int4", block_size=block_size, symmetric=symmetric)
-    int4_acc = score(examples, OnnxLMM(out / "onnx-int4").answers(examples, cfg.gen))["vqa_accuracy"]
+    int4 = OnnxLMM(out / "onnx-int4")
+    int4_tokens = greedy_tokens(int4, examples, n_new, cfg.gen.batch_size)
+    int4_acc = accuracy(int4_tokens, int4.tokenizer.decode)
 
     metrics = {"onnx_greedy_match": match, "onnx_prompts": len(ref), "int4_size_ratio": q["size_ratio"],
                "int4_size_ratio_by_graph": q["size_ratio_by_graph"], "onnx_fp32_bytes": q["bytes_before"]["total"],
                "onnx_int4_bytes": q["bytes_after"]["total"], "vqa_accuracy_torch": torch_acc,
-               "vqa_accuracy_onnx": onnx_acc, "vqa_accuracy_int4": int4_acc}
+               "vqa_accuracy_onnx": onnx_acc, "vqa_accuracy_int4": int4_acc,
+               "int4_greedy_match": sum(a == b for a, b in zip(ref, int4_tokens)) / len(ref)}
     if model.spec["connector"] in ("linear", "mlp2x_gelu"):
         export_hf_llava(model_dir, out / "hf-llava")
         metrics["hf_llava_max_logit_diff"] = llava_max_logit_diff(model_dir, out / "hf-llava",

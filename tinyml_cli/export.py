@@ -18,15 +18,14 @@ LLaVA's projector is Linear-act-Linear) that transformers loads with logits equa
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import UserError
+from .onnx_runner import META as ONNX_META, onnx_sizes
 
-ONNX_META = "tinyml_onnx.json"
 OPSET = 17
 
 
@@ -136,8 +135,6 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32") -> 
         raise UserError(f"--dtype must be fp32 or fp16, got '{dtype}'")
     tdtype = torch.float32 if dtype == "fp32" else torch.float16
     model = load_merged(model_dir, dtype=tdtype)
-    if model.spec["connector"] not in ("linear", "mlp2x_gelu", "resampler"):
-        raise UserError(f"unknown connector {model.spec['connector']}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _patch_convs_as_matmuls(model.vision)
@@ -176,25 +173,6 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32") -> 
             "source": str(model_dir)}
     (out / ONNX_META).write_text(json.dumps(meta, indent=2))
     return onnx_sizes(out)
-
-
-def onnx_sizes(folder: str | Path) -> dict:
-    """Bytes of each graph (with its external data file, if any) and their total."""
-    folder = Path(folder)
-    sizes = {}
-    for f in sorted(folder.iterdir()):
-        if f.suffix == ".onnx" or f.name.endswith(".onnx.data"):
-            key = f.name.split(".onnx")[0]
-            sizes[key] = sizes.get(key, 0) + f.stat().st_size
-    sizes["total"] = sum(sizes.values())
-    return sizes
-
-
-def copy_runner_files(src: str | Path, dst: str | Path) -> None:
-    """Everything but the graphs: tokenizer, image processor config, tinyml_onnx.json."""
-    for f in Path(src).iterdir():
-        if f.is_file() and f.suffix != ".onnx" and not f.name.endswith(".onnx.data"):
-            shutil.copy2(f, Path(dst) / f.name)
 
 
 def export_hf_llava(model_dir: str | Path, out: str | Path) -> dict:

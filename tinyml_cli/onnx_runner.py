@@ -20,6 +20,18 @@ from . import UserError
 META = "tinyml_onnx.json"
 
 
+def onnx_sizes(folder: str | Path) -> dict:
+    """Bytes of each graph (with its external data file, if any) and their total."""
+    folder = Path(folder)
+    sizes = {}
+    for f in sorted(folder.iterdir()):
+        if f.suffix == ".onnx" or f.name.endswith(".onnx.data"):
+            key = f.name.split(".onnx")[0]
+            sizes[key] = sizes.get(key, 0) + f.stat().st_size
+    sizes["total"] = sum(sizes.values())
+    return sizes
+
+
 class ChatTokenizer:
     """The few tokenizer methods `data.Encoder` and decoding use, from tokenizer.json and the chat template."""
 

@@ -10,10 +10,18 @@ embedding is a Conv, which the quantizer leaves in fp32.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from . import UserError
-from .export import ONNX_META, copy_runner_files, onnx_sizes
+from .onnx_runner import META as ONNX_META, onnx_sizes
+
+
+def copy_runner_files(src: str | Path, dst: str | Path) -> None:
+    """Everything but the graphs: tokenizer, image processor config, tinyml_onnx.json."""
+    for f in Path(src).iterdir():
+        if f.is_file() and f.suffix != ".onnx" and not f.name.endswith(".onnx.data"):
+            shutil.copy2(f, Path(dst) / f.name)
 
 
 def quantize_onnx(src: str | Path, out: str | Path, block_size: int = 32, symmetric: bool = False,
@@ -58,9 +66,11 @@ def quantize_onnx(src: str | Path, out: str | Path, block_size: int = 32, symmet
 def quantize_bnb(model_dir: str | Path, out: str | Path, method: str = "nf4") -> dict:
     """Load a tinyml model's LLM through bitsandbytes (NF4 / FP4 4-bit or LLM.int8) and save that folder.
 
-    The saved `llm/` holds the quantized weights and loads back quantized by itself: for inference (`eval`,
-    `generate`) and as the frozen base of further QLoRA training (`sft --set model.init_from=OUT
-    --set peft.method=qlora`). A LoRA run's adapter stays beside it, unmerged.
+    The saved `llm/` holds the quantized weights and loads back quantized by itself, for inference (`eval`,
+    `generate`); a LoRA run's adapter stays beside it, unmerged. For further QLoRA training start `sft` from the
+    unquantized folder with `peft.method=qlora`, which quantizes the same way at load: training on top of the
+    saved 4-bit folder runs, but its final save fails in transformers 5.23 (re-saving a checkpoint that was
+    loaded pre-quantized raises NotImplementedError in its weight-conversion reversal).
     """
     import torch
     from transformers import BitsAndBytesConfig
