@@ -489,8 +489,10 @@ def advice(cfg, setting: Setting, gib: float, meta=None) -> list[dict]:
     if setting.seq // 2 > n_img:
         add(f"sequence {setting.seq // 2}", cfg, replace(setting, seq=setting.seq // 2), meta)
     if n_img > 64 and cfg.model.connector != "resampler":
-        add("64 image tokens (connector resampler, 64 queries)",
-            _variant(cfg, model__connector="resampler", model__resampler_queries=64), setting)
+        # the records get shorter by the image tokens saved
+        add(f"64 image tokens (connector resampler, 64 queries; sequence {setting.seq - n_img + 64})",
+            _variant(cfg, model__connector="resampler", model__resampler_queries=64),
+            replace(setting, seq=setting.seq - n_img + 64))
     return out
 
 
