@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["pretrain-align", "sft", "eval", "generate", "demo", "build-tiny", "data synth-shapes"]
+COMMANDS = ["pretrain-align", "sft", "eval", "generate", "demo", "build-tiny", "data synth-shapes", "estimate"]
 
 
 def tinyml(*args, cwd=None):
