@@ -65,6 +65,10 @@ def main() -> None:
     from tinyml_cli.estimate import Setting, estimate, measure
     ui.quiet_libraries()
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        # Memory does not depend on the thread count; on a shared, busy CPU one thread runs several times faster
+        # than threads that wait on each other.
+        torch.set_num_threads(1)
     t0 = time.time()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

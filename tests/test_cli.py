@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
-COMMANDS = ["pretrain-align", "sft", "eval", "generate", "demo", "build-tiny", "data synth-shapes", "merge"]
+COMMANDS = ["pretrain-align", "sft", "eval", "generate", "demo", "build-tiny", "data synth-shapes", "merge", "estimate",
+            "export", "quantize", "bitdelta compress", "bitdelta apply", "reward", "reward score", "dpo", "ppo",
+            "data synth-preferences", "report"]
 
 
 def tinyml(*args, cwd=None):

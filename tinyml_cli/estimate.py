@@ -324,8 +324,10 @@ def _train_peak(cfg, setting, meta, bd, detail, act, patches, n_img) -> int:
     common = {"activations_vision": vis, "activations_connector": conn}
     if cfg.peft.method == "qlora":  # each 4-bit layer is dequantized for its matmul: the widest one at a time
         import torch.nn as nn
+        head = meta.llm.get_output_embeddings()
         common["dequant_scratch"] = max((m.weight.numel() for n, m in meta.llm.named_modules()
-                                         if isinstance(m, nn.Linear) and "lora_" not in n), default=0) * act
+                                         if isinstance(m, nn.Linear) and m is not head and not _is_adapter(n)),
+                                        default=0) * act
     # The backward pass of a gated MLP holds the gradients of its product and of both factors at once (the
     # product itself, kept where down_proj trains, is freed by then).
     gated = lcfg.model_type not in ("phi", "gpt2", "gpt_neox")
@@ -489,8 +491,10 @@ def advice(cfg, setting: Setting, gib: float, meta=None) -> list[dict]:
     if setting.seq // 2 > n_img:
         add(f"sequence {setting.seq // 2}", cfg, replace(setting, seq=setting.seq // 2), meta)
     if n_img > 64 and cfg.model.connector != "resampler":
-        add("64 image tokens (connector resampler, 64 queries)",
-            _variant(cfg, model__connector="resampler", model__resampler_queries=64), setting)
+        # the records get shorter by the image tokens saved
+        add(f"64 image tokens (connector resampler, 64 queries; sequence {setting.seq - n_img + 64})",
+            _variant(cfg, model__connector="resampler", model__resampler_queries=64),
+            replace(setting, seq=setting.seq - n_img + 64))
     return out
 
 
