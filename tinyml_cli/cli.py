@@ -208,7 +208,7 @@ def synth_shapes(output_dir: Path = typer.Argument(..., help="Folder for images/
 
 
 @data_app.command("validate")
-def data_validate(file: Path = typer.Argument(..., help="A JSON / JSONL data file."),
+def data_validate(file: Path = typer.Argument(..., help="A data set: JSON / JSONL, parquet file or folder, datasets folder or hub id."),
                   config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, json_mode: bool = JsonOpt):
     """Report every problem of a data set at once; exit 2 if there is any.
 

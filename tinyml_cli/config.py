@@ -42,7 +42,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = _f("", "training data: LLaVA-format JSON / JSONL (image paths relative to the file)")
+    train: str = _f("", "training data: JSON / JSONL, parquet file or folder, datasets folder, or hub id owner/name[:split]")
     eval: str = _f("", "held-out data for eval (same format; records may carry `type` and `answer`)")
     max_length: int = _f(512, "maximum tokens per record, image tokens included")
     system_prompt: str = _f("", "system message prepended to every conversation")
