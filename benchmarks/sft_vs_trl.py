@@ -8,7 +8,7 @@ AdamW at the same learning rate, fp32, batch 8, max length 256, no gradient chec
 dropout 0.05 on the LLM's attention and MLP projections, connector trained in full; full: every weight.
 Each measurement runs in a fresh process, tinyml and TRL alternating, and the median of the repeats is kept.
 `ratios` are tinyml / TRL, the worse of LoRA and full (per-method ratios are under `methods`).
-On a CUDA machine the same script runs on the GPU (peak memory from torch.cuda, plus MFU).
+On a CUDA machine the same script runs both sides on the GPU, fp32, peak memory from torch.cuda (MFU: not yet).
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def tinyml_side(info: dict, a) -> tuple:
     sets = [f"model.init_from={info['tinyml']}", f"data.train={info['train']}", f"data.max_length={a.max_length}",
             f"train.batch_size={a.batch_size}", f"train.max_steps={a.steps}", f"train.lr={a.lr}",
             "train.scheduler=constant", "train.warmup_ratio=0", "train.log_every=1000", "train.seed=0",
-            "model.dtype=fp32", f"peft.method={a.method}", "peft.r=8", "peft.alpha=16", "peft.dropout=0.05",
+            "model.dtype=fp32", "train.mixed_precision=no", f"peft.method={a.method}", "peft.r=8", "peft.alpha=16",
+            "peft.dropout=0.05",
             f"peft.target_modules={','.join(common.LORA_TARGETS)}", "train.parts=[connector]"]
     cfg = load_config(None, sets)
     clock = common.StepClock(counter)
@@ -125,7 +126,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     p.add_argument("--work", default="runs/bench", help="cache folder for the built model and data")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--steps", type=int, default=5, help="optimizer steps per speed run (warm-up included)")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps per speed run (warm-up included)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--memory-steps", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
