@@ -38,7 +38,7 @@ def tinyml_side(info: dict, a) -> tuple:
     sets = [f"model.init_from={info['tinyml']}", f"data.train={info['train']}", f"data.max_length={a.max_length}",
             f"train.batch_size={a.batch_size}", f"train.max_steps={a.steps}", f"train.lr={a.lr}",
             "train.scheduler=constant", "train.warmup_ratio=0", "train.log_every=1000", "train.seed=0",
-            "model.dtype=fp32", "train.mixed_precision=no", f"peft.method={a.method}", "peft.r=8", "peft.alpha=16",
+            "model.dtype=fp32", 'train.mixed_precision="no"', f"peft.method={a.method}", "peft.r=8", "peft.alpha=16",
             "peft.dropout=0.05",
             f"peft.target_modules={','.join(common.LORA_TARGETS)}", "train.parts=[connector]"]
     cfg = load_config(None, sets)
