@@ -1,0 +1,207 @@
+"""Shared pieces of the benchmarks: one random-weight LLaVA model saved for both sides, the data, the meters.
+
+The model is built once (cached under `--work`): a 32k-vocabulary byte-level BPE trained offline, a
+Llama-architecture LLM of ~32M parameters and a small SigLIP tower, as a `LlavaForConditionalGeneration`
+(what TRL trains) and as the same weights in tinyml's folder layout (`llm/`, `vision/`, connector).
+
+Meters, the same on both sides:
+- tokens: non-pad tokens (attention-mask sum) entering the top-level model's forward, counted by a hook;
+- time: wall clock between optimizer steps, after warm-up steps;
+- peak memory: the largest total size of live tensor storages, tracked by a TorchDispatchMode over every
+  tensor an op reads or writes (weights, gradients, optimizer state, activations, batches), in its own run,
+  since tracking slows each op. Peak RSS of each side's process is reported beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+VOCAB = 32000
+LLM = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=6,
+           num_key_value_heads=6, max_position_embeddings=1024, tie_word_embeddings=False)
+VISION = dict(image_size=32, patch_size=4, hidden_size=192, intermediate_size=768, num_hidden_layers=4,
+              num_attention_heads=4)  # 64 image tokens per 32x32 shapes image
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CHAT_TEMPLATE = (  # tinyml's default template, with TRL's structured content and generation markers
+    "{{ bos_token }}{% for m in messages %}"
+    "{% set text %}{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{% endset %}"
+    "{% if m['role'] == 'system' %}<|system|>{{ text }}<|end|>"
+    "{% elif m['role'] == 'user' %}<|user|>{{ text }}<|end|>"
+    "{% else %}<|assistant|>{% generation %}{{ text }}<|end|>{% endgeneration %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _words(rng: random.Random, n: int) -> list[str]:
+    """Pseudo-words: enough distinct strings for a BPE to learn 32k merges (the shapes text alone has ~50 words)."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return ["".join(rng.choice(letters) for _ in range(rng.randint(3, 9))) for _ in range(n)]
+
+
+def build(work: Path) -> dict:
+    """Build (once) the shapes data, the Llava model + processor and the same model as a tinyml folder."""
+    done = work / "built.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    from transformers import (LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+                              SiglipImageProcessor, SiglipVisionConfig)
+
+    from tinyml_cli import synth, tiny
+    from tinyml_cli.model import LMM, MLPConnector
+
+    work.mkdir(parents=True, exist_ok=True)
+    data = synth.synth_shapes(work / "shapes", n=400, n_eval=0, seed=0)
+    rng = random.Random(0)
+    scenes = [synth.random_scene(rng) for _ in range(500)]
+    texts = [tiny._scene_text(s, rng) for s in scenes]
+    words = _words(rng, 400_000)
+    texts += [" ".join(words[i:i + 50]) for i in range(0, len(words), 50)]
+    tok = tiny.build_tokenizer(texts, vocab_size=VOCAB)
+    tok.chat_template = CHAT_TEMPLATE
+    image_id = tok.convert_tokens_to_ids("<image>")
+
+    torch.manual_seed(0)
+    cfg = LlavaConfig(vision_config=SiglipVisionConfig(**VISION).to_dict(),
+                      text_config=LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                              **LLM).to_dict(),
+                      image_token_id=image_id, vision_feature_layer=-1, vision_feature_select_strategy="full",
+                      projector_hidden_act="gelu", multimodal_projector_bias=True)
+    llava = LlavaForConditionalGeneration(cfg).eval()
+    proc_img = SiglipImageProcessor(size={"height": VISION["image_size"], "width": VISION["image_size"]})
+    processor = LlavaProcessor(image_processor=proc_img, tokenizer=tok, patch_size=VISION["patch_size"],
+                               vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE,
+                               num_additional_image_tokens=0, image_token="<image>")
+    llava.save_pretrained(work / "llava")
+    processor.save_pretrained(work / "llava")
+
+    # The same weights in tinyml's layout: Llama LLM (+ lm_head), SigLIP tower, mlp2x_gelu connector.
+    from transformers import LlamaForCausalLM, SiglipVisionModel
+    llm = LlamaForCausalLM(LlamaConfig(**cfg.text_config.to_dict()))
+    llm.model.load_state_dict(llava.model.language_model.state_dict())
+    llm.lm_head.load_state_dict(llava.lm_head.state_dict())
+    vision = SiglipVisionModel(SiglipVisionConfig(**VISION))
+    vision.load_state_dict(llava.model.vision_tower.state_dict())
+    conn = MLPConnector(VISION["hidden_size"], LLM["hidden_size"], 2)
+    p = llava.model.multi_modal_projector
+    conn.proj[0].load_state_dict(p.linear_1.state_dict())
+    conn.proj[2].load_state_dict(p.linear_2.state_dict())
+    n_img = (VISION["image_size"] // VISION["patch_size"]) ** 2
+    spec = {"format": "tinyml-lmm/1", "connector": "mlp2x_gelu", "vision_dim": VISION["hidden_size"],
+            "llm_dim": LLM["hidden_size"], "num_patches": n_img, "num_image_tokens": n_img,
+            "vision_feature_layer": -1, "resampler_queries": 16, "resampler_layers": 2,
+            "llm_source": "benchmark", "vision_source": "benchmark"}
+    lmm = LMM(vision, conn, llm.eval(), tok, proc_img, spec)
+    lmm.save(work / "tinyml")
+
+    # Both sides must compute the same function: compare logits on one image + prompt.
+    ids = torch.tensor([[tok.bos_token_id] + [image_id] * n_img + tok("a red circle")["input_ids"]])
+    pix = torch.randn(1, 3, VISION["image_size"], VISION["image_size"])
+    with torch.no_grad():
+        a = llava(input_ids=ids, pixel_values=pix, attention_mask=torch.ones_like(ids)).logits
+        b = lmm(ids, torch.ones_like(ids), pix)
+    assert torch.allclose(a, b, atol=1e-4), f"the two layouts differ: {(a - b).abs().max()}"
+    info = {"train": data["train"], "llava": str(work / "llava"), "tinyml": str(work / "tinyml"),
+            "vocab_size": len(tok), "llm_params": sum(x.numel() for x in llm.parameters()),
+            "vision_params": sum(x.numel() for x in vision.parameters()),
+            "total_params": sum(x.numel() for x in llava.parameters()), "image_tokens": n_img}
+    done.write_text(json.dumps(info, indent=2))
+    return info
+
+
+# ------------------------------------------------------------------------------------------------- meters
+class TokenCounter:
+    """Counts non-pad tokens (attention-mask sum) of every forward call of one model instance."""
+
+    def __init__(self, model=None):
+        self.total = 0
+        if model is not None:
+            model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:
+            mask = args[1]
+        if mask is not None:
+            self.total += int(mask.sum())
+
+
+class StepClock:
+    """(time, tokens) after every optimizer step; tokens/s over the steps after warm-up."""
+
+    def __init__(self, counter: TokenCounter):
+        import time
+        self.counter, self.now, self.marks = counter, time.perf_counter, []
+
+    def tick(self):
+        self.marks.append((self.now(), self.counter.total))
+
+    def tokens_per_s(self, warmup: int) -> float:
+        (t0, n0), (t1, n1) = self.marks[warmup - 1], self.marks[-1]
+        return (n1 - n0) / (t1 - t0)
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak total bytes of distinct live tensor storages that any op read or wrote while the mode was on."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.current, self.peak = {}, 0, 0
+
+    def _see(self, t):
+        if not isinstance(t, torch.Tensor) or t.is_meta:
+            return
+        try:
+            s = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        key = id(s)
+        if key in self.live:
+            return
+        n = s.nbytes()
+        self.live[key] = n
+        self.current += n
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(s, self._gone, key)
+
+    def _gone(self, key):
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in torch.utils._pytree.tree_leaves((args, kwargs, out)):
+            self._see(x)
+        return out
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# ------------------------------------------------------------------------------------------------ driving
+def run_side(script: str, args: list[str]) -> dict:
+    """Run one side in a fresh interpreter (no shared allocator or caches); returns its JSON line."""
+    res = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def median(xs):
+    return statistics.median(xs)

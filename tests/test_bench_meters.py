@@ -1,0 +1,33 @@
+"""The benchmarks' meters (benchmarks/common.py) against hand-computed values."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import common  # noqa: E402
+
+
+def test_live_tensor_bytes_tracks_peak_and_frees():
+    with common.LiveTensorBytes() as mode:
+        a = torch.ones(1000)              # 4000 bytes
+        b = a * 2                         # +4000: peak 8000
+        del a, b                          # both storages freed
+        c = torch.zeros(250)              # 1000 bytes, well under the peak
+        v = c[10:]                        # a view shares c's storage: no new bytes
+        v.add_(1)
+    assert mode.peak == 8000
+    assert mode.current == 1000
+
+
+def test_token_counter_sums_attention_mask_of_forward_calls():
+    class M(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return input_ids
+
+    m = M()
+    counter = common.TokenCounter(m)
+    m(input_ids=torch.zeros(2, 4), attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]))
+    m(torch.zeros(1, 3), torch.ones(1, 3))
+    assert counter.total == 5 + 3
