@@ -118,13 +118,14 @@ def test_messages_data_set_trains(shapes, tiny_cfg, tmp_path):
 
 def test_conversational_trl_preference_records(shapes, enc):
     img = {"bytes": (shapes / "images" / "000000.png").read_bytes(), "path": "000000.png"}
-    conv = {"images": [img],
+    conv = {"id": 7, "images": [img],
             "prompt": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
                        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]}],
             "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
             "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "blue"}]}]}
-    assert preference_record(conv) == {"image": [img], "prompt": "<image>\nWhat color?", "chosen": "red",
-                                       "rejected": "blue", "system": "Be brief."}
+    assert preference_record(conv) == {"id": 7, "image": [img], "chosen": "red", "rejected": "blue",
+                                       "prompt": [{"role": "system", "content": "Be brief."},
+                                                  {"role": "user", "content": "<image>\nWhat color?"}]}
     # standard form: strings, the placeholder added in front of a prompt that has none
     std = {"image": "x.png", "prompt": "What color?", "chosen": "red", "rejected": "blue"}
     assert preference_record(std)["prompt"] == "<image>\nWhat color?"
@@ -132,13 +133,49 @@ def test_conversational_trl_preference_records(shapes, enc):
     user = {"role": "user", "content": "<image>\nWhat color?"}
     implicit = {"images": ["x.png"], "chosen": [user, {"role": "assistant", "content": "red"}],
                 "rejected": [user, {"role": "assistant", "content": "blue"}]}
-    assert preference_record(implicit) == {"image": ["x.png"], "prompt": "<image>\nWhat color?",
-                                           "chosen": "red", "rejected": "blue"}
+    assert preference_record(implicit) == {"image": ["x.png"], "prompt": [user], "chosen": "red", "rejected": "blue"}
+    # multi-turn prompts stay multi-turn; images without a placeholder go to the first user turn
+    multi = {"images": ["x.png"], "chosen": "a", "rejected": "b",
+             "prompt": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                        {"role": "user", "content": "q2"}]}
+    assert [t["content"] for t in preference_record(multi)["prompt"]] == ["<image>\nq1", "a1", "q2"]
     with pytest.raises(ValueError, match="'rejected' is empty"):
         preference_record({"prompt": "q", "chosen": "a", "rejected": " "})
-    with pytest.raises(ValueError, match="one user turn"):
-        preference_record({"prompt": [user, {"role": "assistant", "content": "x"}, user], "chosen": "a",
-                           "rejected": "b"})
+    with pytest.raises(ValueError, match="list of"):
+        preference_record({"prompt": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"})
+
+
+@pytest.mark.slow
+def test_conversational_trl_preference_data_set_trains(shapes, tiny, tmp_path):
+    """TRL's conversational preference layout, images as bytes in a `datasets` folder, renamed columns: dpo
+    encodes it like the same pairs in tinyml's JSONL form, and trains on it."""
+    import datasets
+
+    from tinyml_cli.config import load_config
+    from tinyml_cli.dpo import run_dpo
+    from tinyml_cli.preference import build_policy, load_pairs
+    from tinyml_cli.synth import synth_preferences
+    synth_preferences(tmp_path / "p", n=8, n_eval=2, n_probe=2, seed=1)
+    native = [r for _, r in read_records(tmp_path / "p" / "pref_train.jsonl")]
+    rows = []
+    def parts(text):  # OpenAI-style content: an image part where the placeholder was
+        return ([{"type": "image"}] if "<image>" in text else []) + [{"type": "text", "text": text.replace("<image>\n", "")}]
+    for r in native:  # some prompts are multi-turn
+        rows.append({"pictures": [{"bytes": (tmp_path / "p" / r["image"]).read_bytes(), "path": None}],
+                     "prompt": [{"role": t["role"], "content": parts(t["content"])} for t in r["prompt"]],
+                     "chosen": [{"role": "assistant", "content": [{"type": "text", "text": r["chosen"][0]["content"]}]}],
+                     "rejected": [{"role": "assistant",
+                                   "content": [{"type": "text", "text": r["rejected"][0]["content"]}]}]})
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "conv"))
+    sets = [f"model.llm={tiny / 'llm'}", f"model.vision={tiny / 'vision'}", f"data.train={tmp_path / 'conv'}",
+            "data.columns={images: pictures}", "train.batch_size=4", "train.max_steps=2"]
+    cfg = load_config(None, sets)
+    _, enc = build_policy(cfg)
+    conv = load_pairs(tmp_path / "conv", enc, columns=cfg.data.columns)[0]
+    ref = load_pairs(tmp_path / "p" / "pref_train.jsonl", enc)[0]
+    assert [(p.chosen.input_ids, p.rejected.labels) for p in conv] == [(p.chosen.input_ids, p.rejected.labels) for p in ref]
+    m = run_dpo(cfg, tmp_path / "dpo")["metrics"]
+    assert m["pairs"] == 8 and m["steps"] == 2 and (tmp_path / "dpo" / "metrics.jsonl").is_file()
 
 
 def test_missing_datasets_library_names_the_extra(tmp_path, enc, monkeypatch):

@@ -80,8 +80,8 @@ def run_dpo(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress=
     if cfg.pref.beta <= 0 or not 0 <= cfg.pref.label_smoothing < 0.5:
         raise UserError("pref.beta must be > 0 and pref.label_smoothing in [0, 0.5)")
     model, enc = build_policy(cfg)
-    pairs, skipped = load_pairs(cfg.data.train, enc, cfg.data.on_error)
-    held_out = load_pairs(cfg.data.eval, enc, cfg.data.on_error)[0] if cfg.data.eval else []
+    pairs, skipped = load_pairs(cfg.data.train, enc, cfg.data.on_error, cfg.data.columns)
+    held_out = load_pairs(cfg.data.eval, enc, cfg.data.on_error, cfg.data.columns)[0] if cfg.data.eval else []
     collate = collator_for(model)
     bs = cfg.train.batch_size
     # The starting weights are the reference: held-out log-probs now are the reference's (and the sft model's).

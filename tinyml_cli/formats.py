@@ -94,11 +94,12 @@ def preference_record(record: dict) -> dict:
     """A TRL-style preference record as tinyml's preference form {"image", "prompt", "chosen", "rejected"}.
 
     Takes the standard form (prompt / chosen / rejected strings), the conversational one (lists of messages
-    whose content may be OpenAI parts with {"type": "image"}), and the implicit-prompt conversational form
-    (chosen / rejected full conversations sharing their first turns). `images` or `image` carry the images;
-    a prompt with images but no `<image>` placeholder gets them in front, one per image.
+    whose content may be OpenAI parts with {"type": "image"}; multi-turn prompts stay a list of text
+    messages), and the implicit-prompt conversational form (chosen / rejected full conversations sharing their
+    first turns). `images` or `image` carry the images; a prompt with images but no `<image>` placeholder gets
+    them in front of its first user turn, one per image. Other fields (id, type...) are kept.
     """
-    from .model import IMAGE_TOKEN
+    from . import IMAGE_TOKEN
     if not isinstance(record, dict):
         raise ValueError("record is not a JSON object")
     chosen, rejected, prompt = record.get("chosen"), record.get("rejected"), record.get("prompt")
@@ -111,17 +112,12 @@ def preference_record(record: dict) -> dict:
         prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
     if prompt is None:
         raise ValueError("a preference record needs a 'prompt'")
-    system = ""
     if isinstance(prompt, list):
-        turns = [t for t in prompt if isinstance(t, dict)]
-        if len(turns) != len(prompt) or not turns:
+        if not prompt or not all(isinstance(t, dict) and t.get("role") in ("system", "user", "assistant")
+                                 for t in prompt):
             raise ValueError("prompt: a list of {'role', 'content'} messages is expected")
-        system = "\n".join(_text(t.get("content"), "system") for t in turns if t.get("role") == "system")
-        users = [t for t in turns if t.get("role") != "system"]
-        if len(users) != 1 or users[0].get("role") != "user":
-            raise ValueError("prompt: one user turn is supported (multi-turn preference prompts are not)")
-        prompt = _text(users[0].get("content"), "user")
-    if not isinstance(prompt, str):
+        prompt = [{"role": t["role"], "content": _text(t.get("content"), t["role"])} for t in prompt]
+    elif not isinstance(prompt, str):
         raise ValueError(f"prompt is not text: {prompt!r}"[:120])
 
     def answer(x, name):
@@ -133,10 +129,14 @@ def preference_record(record: dict) -> dict:
 
     images = record.get("images", record.get("image"))
     images = [] if images is None else images if isinstance(images, list) else [images]
-    if images and IMAGE_TOKEN not in prompt:
-        prompt = f"{IMAGE_TOKEN}\n" * len(images) + prompt
-    out = {"image": images, "prompt": prompt, "chosen": answer(chosen, "chosen"),
-           "rejected": answer(rejected, "rejected")}
-    if system:
-        out["system"] = system
-    return out
+    if isinstance(prompt, str):
+        if images and IMAGE_TOKEN not in prompt:
+            prompt = f"{IMAGE_TOKEN}\n" * len(images) + prompt
+    elif images and not any(IMAGE_TOKEN in t["content"] for t in prompt):
+        first = next((i for i, t in enumerate(prompt) if t["role"] == "user"), None)
+        if first is None:
+            raise ValueError("prompt: no user turn to hold the image")
+        prompt[first]["content"] = f"{IMAGE_TOKEN}\n" * len(images) + prompt[first]["content"]
+    rest = {k: v for k, v in record.items() if k not in ("images", "image", "prompt", "chosen", "rejected")}
+    return {**rest, "image": images, "prompt": prompt, "chosen": answer(chosen, "chosen"),
+            "rejected": answer(rejected, "rejected")}

@@ -76,7 +76,7 @@ def run_ppo(cfg: RunConfig, out_dir: str | Path, progress=None) -> dict:
     model, enc = build_policy(cfg)
     critic = ScalarHead(model, init_std=0.0)  # values start at 0
     critic.head.requires_grad_(True)
-    pairs, _ = load_pairs(cfg.data.train, enc, cfg.data.on_error)
+    pairs, _ = load_pairs(cfg.data.train, enc, cfg.data.on_error, cfg.data.columns)
     if len({len(p.prompt.images) for p in pairs}) > 1 or len(pairs[0].prompt.images) > 1:
         # minibatches index the rollout's tensors by row, pixel_values included: one image per row
         raise UserError("ppo: every prompt needs exactly one image (or every prompt none)")

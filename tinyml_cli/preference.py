@@ -77,15 +77,21 @@ def parse_pair(rec, root: Path, enc: Encoder) -> Pair:
     return Pair(sides[0], sides[1], Example(p_ids, p_labels, imgs), meta)
 
 
-def load_pairs(path: str | Path, enc: Encoder, on_error: str = "fail") -> tuple[list[Pair], list[str]]:
-    """Encode every preference record of a JSON / JSONL file (bad records: fail or skip, as for sft)."""
+def load_pairs(path: str | Path, enc: Encoder, on_error: str = "fail",
+               columns: dict | None = None) -> tuple[list[Pair], list[str]]:
+    """Encode every preference record of a data source (JSON / JSONL, parquet, `datasets` folder; TRL's standard
+    or conversational columns, renamed by `data.columns`); bad records fail or are skipped, as for sft."""
+    from .formats import preference_record, rename_columns
     if on_error not in ("fail", "skip"):
         raise UserError(f"data.on_error must be fail or skip, got '{on_error}'")
     p = Path(path)
+    root = p if p.is_dir() else p.parent
     pairs, skipped = [], []
     for line, rec in read_records(p):
         try:
-            pair = parse_pair(rec, p.parent, enc)
+            if isinstance(rec, ValueError):
+                raise rec
+            pair = parse_pair(preference_record(rename_columns(rec, columns)), root, enc)
         except ValueError as e:
             if on_error == "fail":
                 raise UserError(f"{_where(p, line)}: {e}") from None

@@ -62,8 +62,8 @@ def run_reward(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progre
     lmm, enc = build_policy(cfg)
     rm = ScalarHead(lmm)  # a fresh head, trained with the parts of the recipe
     rm.head.requires_grad_(True)
-    pairs, skipped = load_pairs(cfg.data.train, enc, cfg.data.on_error)
-    held_out = load_pairs(cfg.data.eval, enc, cfg.data.on_error)[0] if cfg.data.eval else []
+    pairs, skipped = load_pairs(cfg.data.train, enc, cfg.data.on_error, cfg.data.columns)
+    held_out = load_pairs(cfg.data.eval, enc, cfg.data.on_error, cfg.data.columns)[0] if cfg.data.eval else []
     collate = collator_for(lmm)
     save_config(cfg, out, {"command": "reward"})
     trainable, total = count_params(rm)
@@ -88,7 +88,7 @@ def run_score(model_dir: str | Path, data: str | Path, cfg: RunConfig, out_file:
     from .preference import collator_for, load_pairs, load_reward_model
     rm = load_reward_model(model_dir, dtype=resolve_dtype(cfg.model.dtype))
     enc = Encoder(rm.lmm.tokenizer, rm.lmm.num_image_tokens, cfg.data.max_length, cfg.data.system_prompt)
-    pairs, skipped = load_pairs(data, enc, cfg.data.on_error)
+    pairs, skipped = load_pairs(data, enc, cfg.data.on_error, cfg.data.columns)
     scores = pair_scores(rm, pairs, collator_for(rm.lmm), cfg.gen.batch_size)
     artifacts = {}
     if out_file:
