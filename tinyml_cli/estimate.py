@@ -12,8 +12,9 @@ no memory) and the recipe's trainable parts and peft adapters are applied to it 
   keeps one tensor per LLM layer and recomputes one layer at a time in the backward pass;
 - logits only at labelled positions (tinyml's loss projects just those, in chunks of 2048 rows), the
   log-softmax saved for the backward pass and its gradients;
-- the peak of a step: weights and optimizer states are always there; on top either every saved activation at
-  the start of the backward pass, or every gradient at the optimizer step, whichever is larger.
+- the peak of a step: weights and optimizer states are always there; on top, whichever is largest of every
+  saved activation at the start of the backward pass, a layer's backward pass (with checkpointing: the
+  recomputed last and first layers), or every gradient at the optimizer step.
 A step is assumed to use full-length sequences whose text tokens are all labelled (the upper bound of
 `data.max_length`). `measure` runs real training steps of the same setting and reports the measured peak.
 """
@@ -545,6 +546,8 @@ def run_estimate(cfg, setting: Setting, gib: float = 24, do_measure: bool = Fals
     if do_measure:
         if setting.mode != "train":
             raise UserError("--measure runs a training step; it does not apply to --infer")
+        if setting.image_size:
+            raise UserError("--measure runs at the vision config's resolution; leave out --image-size")
         m = measure(cfg, device=setting.device)
         metrics.update(measured_bytes=m["measured_bytes"],
                        rel_error=e.tensor_bytes / m["measured_bytes"] - 1, measured_on=m["device"])
@@ -566,6 +569,9 @@ def report(con, result: dict) -> None:
     for k, v in m["breakdown"].items():
         if v:
             t.add_row(k, _gb(v))
+        if k == "activations" and m.get("llm_layer_activation_bytes"):
+            t.add_row(f"  per LLM layer ({m['image_tokens']} image tokens per record)",
+                      _gb(m["llm_layer_activation_bytes"]))
     if m.get("paged_optimizer_bytes"):
         t.add_row("optimizer states, paged (not counted: CPU RAM when the card is full)", _gb(m["paged_optimizer_bytes"]))
     t.add_row("[bold]tensor peak[/bold]", _gb(m["tensor_bytes"]))
