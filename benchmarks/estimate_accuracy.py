@@ -1,4 +1,4 @@
-"""How close `tinyml estimate` is to the measured peak: a grid of method x batch x sequence x checkpointing.
+"""How close `tinyml estimate` is to the measured peak: a grid of method x optimizer x batch x sequence x checkpointing.
 
 Two small models, made here offline: the tiny default (`build_tiny`, a few pretraining steps: the weights'
 values do not change memory) and a larger random-weight Llama (GQA, 4 layers, width 256, vocabulary 2048) with
@@ -13,6 +13,7 @@ torch.cuda.max_memory_allocated) and is compared with the estimate's tensor peak
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -24,9 +25,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# method x (batch, sequence) x checkpointing, per model; qlora runs through bitsandbytes' CPU backend too.
-GRID = {"tiny": (["full", "lora"], [(4, 64), (8, 256)]),
-        "small": (["full", "lora", "qlora"], [(2, 128), (4, 384)])}
+# Per model: (method, optimizer) x (batch, sequence) x checkpointing. freeze trains the connector alone (LLaVA's
+# first stage: gradients flow back through the frozen LLM); the others train the connector and the LLM. qlora and
+# the 8-bit optimizers run through bitsandbytes' CPU backend too (paged falls back to plain 8-bit on CPU).
+GRID = {"tiny": ([("full", "adamw"), ("freeze", "adamw"), ("lora", "adamw")], [(4, 64), (8, 256)]),
+        "small": ([("full", "adamw"), ("freeze", "adamw"), ("lora", "adamw"), ("qlora", "adamw"),
+                   ("full", "adamw8bit"), ("lora", "paged_adamw8bit")], [(2, 128), (4, 384)])}
 
 
 def make_models(root: Path) -> dict:
@@ -74,23 +78,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         models = make_models(Path(tmp))
         for name, (methods, shapes) in GRID.items():
-            for method in methods:
-                for batch, seq in shapes:
-                    for ckpt in (False, True):
-                        cfg = load_config(None, [f"model.llm={models[name] / 'llm'}",
-                                                 f"model.vision={models[name] / 'vision'}",
-                                                 "train.parts=[connector,llm]", f"peft.method={method}",
-                                                 f"train.batch_size={batch}", f"data.max_length={seq}",
-                                                 f"train.gradient_checkpointing={str(ckpt).lower()}"])
-                        est = estimate(cfg, Setting(device=device, batch=batch, seq=seq, checkpointing=ckpt))
-                        got = measure(cfg, device=device)["measured_bytes"]
-                        row = {"config": f"{name} {method} batch={batch} seq={seq} checkpointing={ckpt}",
-                               "model": name, "method": method, "batch": batch, "seq": seq, "checkpointing": ckpt,
-                               "estimated_bytes": est.tensor_bytes, "measured_bytes": got,
-                               "rel_error": est.tensor_bytes / got - 1, "peak_phase": est.detail["peak_phase"]}
-                        rows.append(row)
-                        print(f"{row['config']:55s} est {row['estimated_bytes'] / 2**20:8.2f} MiB  "
-                              f"measured {got / 2**20:8.2f} MiB  {row['rel_error']:+.1%}", file=sys.stderr, flush=True)
+            for (method, opt), (batch, seq), ckpt in itertools.product(methods, shapes, (False, True)):
+                parts = "[connector]" if method == "freeze" else "[connector,llm]"
+                cfg = load_config(None, [f"model.llm={models[name] / 'llm'}", f"model.vision={models[name] / 'vision'}",
+                                         f"train.parts={parts}", f"peft.method={method}", f"train.optimizer={opt}",
+                                         f"train.batch_size={batch}", f"data.max_length={seq}",
+                                         f"train.gradient_checkpointing={str(ckpt).lower()}"])
+                est = estimate(cfg, Setting(device=device, batch=batch, seq=seq, checkpointing=ckpt, optimizer=opt))
+                got = measure(cfg, device=device)["measured_bytes"]
+                row = {"config": f"{name} {method} {opt} batch={batch} seq={seq} checkpointing={ckpt}",
+                       "model": name, "method": method, "optimizer": opt, "batch": batch, "seq": seq,
+                       "checkpointing": ckpt, "estimated_bytes": est.tensor_bytes, "measured_bytes": got,
+                       "rel_error": est.tensor_bytes / got - 1, "peak_phase": est.detail["peak_phase"]}
+                rows.append(row)
+                print(f"{row['config']:70s} est {row['estimated_bytes'] / 2**20:8.2f} MiB  "
+                      f"measured {got / 2**20:8.2f} MiB  {row['rel_error']:+.1%}", file=sys.stderr, flush=True)
     worst = max(abs(r["rel_error"]) for r in rows)
     result = {"device": device, "torch": torch.__version__, "rows": rows, "worst_abs_rel_error": worst,
               "seconds": time.time() - t0}

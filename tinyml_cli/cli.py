@@ -337,7 +337,6 @@ def quantize(source: Path = typer.Argument(..., help="An ONNX export (int4) or a
 def estimate(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, json_mode: bool = JsonOpt,
              device: str = typer.Option("auto", "--device", help="cuda (a bf16 GPU) | cpu | auto (this machine's): what the estimate is for and where --measure runs."),
              gpu: float = typer.Option(24, "--gpu", help="Card size in GiB the advice aims at."),
-             optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | adamw8bit | paged_adamw8bit."),
              image_size: int = typer.Option(0, "--image-size", help="Image resolution (0: the vision config's)."),
              infer: bool = typer.Option(False, "--infer", help="Estimate inference with a KV cache instead of training."),
              context: int = typer.Option(2048, "--context", help="--infer: tokens per sequence in the KV cache."),
@@ -352,7 +351,7 @@ def estimate(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetO
     ui.quiet_libraries()
     cfg = _config(config, set_, {"train.parts": ["connector", "llm"]})  # sft's defaults
     setting = Setting(device=device, mode="infer" if infer else "train", batch=cfg.train.batch_size, seq=cfg.data.max_length,
-                      checkpointing=cfg.train.gradient_checkpointing, optimizer=optimizer, context=context,
+                      checkpointing=cfg.train.gradient_checkpointing, optimizer=cfg.train.optimizer, context=context,
                       kv_bytes=kv_bytes, image_size=image_size)
     result = run_estimate(cfg, setting, gpu, measure)
     ui.emit(result, True) if json_mode else report(ui.console(False), result)

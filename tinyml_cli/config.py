@@ -61,6 +61,8 @@ class TrainConfig:
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     lr: float = _f(1e-3, "peak learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
+    optimizer: str = _f("adamw", "adamw (torch) | adamw8bit | paged_adamw8bit (bitsandbytes; paged states live in CUDA "
+                                 "unified memory and move to CPU RAM when the card is full; on CPU, paged = adamw8bit)")
     warmup_ratio: float = _f(0.03, "fraction of steps of linear warmup")
     scheduler: str = _f("cosine", "cosine | linear | constant")
     max_grad_norm: float = _f(1.0, "gradient clipping (0: off)")

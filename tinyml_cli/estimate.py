@@ -12,8 +12,9 @@ no memory) and the recipe's trainable parts and peft adapters are applied to it 
   keeps one tensor per LLM layer and recomputes one layer at a time in the backward pass;
 - logits only at labelled positions (tinyml's loss projects just those, in chunks of 2048 rows), the
   log-softmax saved for the backward pass and its gradients;
-- the peak of a step: weights and optimizer states are always there; on top either every saved activation at
-  the start of the backward pass, or every gradient at the optimizer step, whichever is larger.
+- the peak of a step: weights and optimizer states are always there; on top, whichever is largest of every
+  saved activation at the start of the backward pass, a layer's backward pass (with checkpointing: the
+  recomputed last and first layers), or every gradient at the optimizer step.
 A step is assumed to use full-length sequences whose text tokens are all labelled (the upper bound of
 `data.max_length`). `measure` runs real training steps of the same setting and reports the measured peak.
 """
@@ -295,10 +296,8 @@ def _train_peak(cfg, setting, meta, bd, detail, act, patches, n_img) -> int:
     trainable = [p for p in meta.parameters() if p.requires_grad]
     grads = sum(p.numel() * p.element_size() for p in trainable)
     n_train = sum(p.numel() for p in trainable)
-    if setting.optimizer == "adamw":  # two states per trainable parameter, in its dtype
-        opt = 2 * grads
-    else:  # bitsandbytes 8-bit AdamW: two 1-byte states plus an fp32 absmax per block of 256
-        opt = 2 * n_train + 2 * 4 * math.ceil(n_train / 256)
+    opt, paged = optimizer_state_bytes([p.numel() * p.element_size() for p in trainable],
+                                       [p.numel() for p in trainable], setting.optimizer, setting.device)
     llm_trains = any(p.requires_grad for n, p in meta.llm.named_parameters() if not _is_adapter(n))
     per_layer = llm_layer_activations(cfg, lcfg, act, setting.device, llm_trains) * T
     detail["llm_layer_activation_bytes"] = per_layer
@@ -342,28 +341,60 @@ def _train_peak(cfg, setting, meta, bd, detail, act, patches, n_img) -> int:
     body_grads = llm_grads - head_grad - embed_grads
     late_grads = head_grad + body_grads * (L - 1) // L
     # The components alive at each candidate peak of a step; weights and optimizer states are always there.
-    if setting.checkpointing:  # each layer keeps its input; the backward pass recomputes one layer at a time
-        kept = L * T * h * act + final_norm  # (the recomputed layer's own input is one of them)
-        phases = {"backward start": {**common, "activations": kept, "logits": logits, "gradients": head_grad},
-                  "backward, recomputed first layer": {**common, "activations": kept + per_layer - T * h * 4,
+    if setting.checkpointing:
+        # Each layer keeps only its input (the residual stream, in the weights' dtype) and frees it once its own
+        # backward pass is done; the pass recomputes one layer at a time. The last recomputed layer (all inputs
+        # kept, few gradients yet) and the first (one input, nearly every gradient) bound the moments between.
+        # transformers makes frozen embeddings' output require grad under checkpointing: a leaf that the graph
+        # holds until the backward pass ends.
+        emb = meta.llm.get_input_embeddings().weight
+        resid = emb.element_size()
+        inputs = T * h * resid
+        leaf = 0 if emb.requires_grad else inputs
+        recomputed = per_layer - (T * h * 4 if resid == 4 else 0)  # fp32: its norm's input is the kept input
+        phases = {"backward start": {**common, "activations": L * inputs + leaf + final_norm, "logits": logits,
+                                     "gradients": head_grad},
+                  "backward, recomputed last layer": {**common, "activations": L * inputs + leaf + recomputed,
+                                                      "gradients": head_grad, "backward_scratch": mlp_grads},
+                  "backward, recomputed first layer": {**common, "activations": inputs + leaf + recomputed,
                                                        "gradients": late_grads, "backward_scratch": mlp_grads}}
-    else:
-        acts = L * per_layer + final_norm
-        phases = {"backward start": {**common, "activations": acts, "logits": logits, "gradients": head_grad},
+    else:  # the final norm's saved tensors are gone once the last layer's backward pass starts
+        acts = L * per_layer
+        phases = {"backward start": {**common, "activations": acts + final_norm, "logits": logits,
+                                     "gradients": head_grad},
                   "backward, last layer": {**common, "activations": acts, "gradients": head_grad,
                                            "backward_scratch": mlp_grads}}
-    # the optimizer step: every gradient and the optimizer's temporaries (torch's foreach AdamW on CUDA takes
-    # about one more copy of the gradients; on CPU it updates one tensor at a time)
-    scratch = grads if setting.device == "cuda" and setting.optimizer == "adamw" else \
-        2 * max((p.numel() * p.element_size() for p in trainable), default=0)
+    # the optimizer step: every gradient and the optimizer's temporaries. torch's foreach AdamW on CUDA takes
+    # about one more copy of the gradients; on CPU it updates one tensor at a time (sqrt(v) and the denominator).
+    # bitsandbytes updates each parameter inside one op (a fused kernel on CUDA; on CPU an op that dequantizes
+    # that parameter's states to fp32 in scratch no tensor tracker sees, about 5 fp32 copies of it).
+    largest = max((p.numel() * p.element_size() for p in trainable), default=0)
+    scratch = 0 if setting.optimizer != "adamw" else grads if setting.device == "cuda" else 2 * largest
     phases["optimizer step"] = {"gradients": grads, "optimizer_scratch": scratch}
     phase = max(phases, key=lambda k: sum(phases[k].values()))
-    detail.update(peak_phase=phase, gradients_bytes=grads, trainable_params=n_train)
+    detail.update(peak_phase=phase, gradients_bytes=grads, trainable_params=n_train, paged_optimizer_bytes=paged)
     bd["optimizer_states"] = opt
     for k in ("activations", "activations_vision", "activations_connector", "logits", "gradients",
               "backward_scratch", "dequant_scratch", "optimizer_scratch"):
         bd[k] = phases[phase].get(k, 0)
     return sum(bd.values())
+
+
+def optimizer_state_bytes(nbytes: list[int], numels: list[int], optimizer: str, device: str) -> tuple[int, int]:
+    """(bytes in the allocator, bytes paged) of the optimizer states of the trainable tensors.
+
+    torch AdamW: two states per parameter in its dtype. bitsandbytes 8-bit AdamW: two 1-byte states plus an
+    fp32 absmax per block of 256 for tensors of 4096 elements or more, two fp32 states below that. Paged (CUDA
+    only; bitsandbytes falls back to plain 8-bit on CPU): the 1-byte states of tensors of 100k elements or more
+    live in CUDA unified memory, outside torch's allocator, and move to CPU RAM when the card is full.
+    """
+    if optimizer == "adamw":
+        return 2 * sum(nbytes), 0
+    small = sum(n for n in numels if n < 4096)
+    big = [n for n in numels if n >= 4096]
+    states = 8 * small + sum(2 * n + 8 * math.ceil(n / 256) for n in big)
+    paged = 2 * sum(n for n in big if n >= 100_000) if optimizer.startswith("paged") and device == "cuda" else 0
+    return states - paged, paged
 
 
 def _vision_layers(vision):
@@ -483,8 +514,7 @@ def advice(cfg, setting: Setting, gib: float, meta=None) -> list[dict]:
     if cfg.peft.method != "qlora":
         add("qlora (4-bit LLM + LoRA)", _variant(cfg, peft__method="qlora"), setting)
     if setting.optimizer == "adamw":
-        add("8-bit AdamW (bitsandbytes; estimator only, not a tinyml train option yet)", cfg,
-            replace(setting, optimizer="adamw8bit"), meta)
+        add("8-bit AdamW (train.optimizer=adamw8bit)", cfg, replace(setting, optimizer="adamw8bit"), meta)
     if setting.batch > 1:
         add("batch 1 (raise train.grad_accum to keep the effective batch)", cfg, replace(setting, batch=1), meta)
     n_img = (meta or MetaLMM(cfg, dtypes(cfg, setting.device)[0])).num_image_tokens
@@ -516,6 +546,8 @@ def run_estimate(cfg, setting: Setting, gib: float = 24, do_measure: bool = Fals
     if do_measure:
         if setting.mode != "train":
             raise UserError("--measure runs a training step; it does not apply to --infer")
+        if setting.image_size:
+            raise UserError("--measure runs at the vision config's resolution; leave out --image-size")
         m = measure(cfg, device=setting.device)
         metrics.update(measured_bytes=m["measured_bytes"],
                        rel_error=e.tensor_bytes / m["measured_bytes"] - 1, measured_on=m["device"])
@@ -537,6 +569,11 @@ def report(con, result: dict) -> None:
     for k, v in m["breakdown"].items():
         if v:
             t.add_row(k, _gb(v))
+        if k == "activations" and m.get("llm_layer_activation_bytes"):
+            t.add_row(f"  per LLM layer ({m['image_tokens']} image tokens per record)",
+                      _gb(m["llm_layer_activation_bytes"]))
+    if m.get("paged_optimizer_bytes"):
+        t.add_row("optimizer states, paged (not counted: CPU RAM when the card is full)", _gb(m["paged_optimizer_bytes"]))
     t.add_row("[bold]tensor peak[/bold]", _gb(m["tensor_bytes"]))
     t.add_row("[bold]total[/bold]", _gb(m["total_bytes"]))
     if "measured_bytes" in m:

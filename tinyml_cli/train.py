@@ -123,6 +123,17 @@ def total_steps(tcfg, n_examples: int, world: int = 1) -> int:
     return max(1, math.ceil(tcfg.epochs * n_examples / per_step))
 
 
+def optimizer(params, tcfg):
+    """train.optimizer: torch's AdamW, or bitsandbytes' 8-bit AdamW (blockwise-quantized states), paged or not."""
+    kw = {"lr": tcfg.lr, "weight_decay": tcfg.weight_decay}
+    if tcfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kw)
+    if tcfg.optimizer not in ("adamw8bit", "paged_adamw8bit"):
+        raise UserError(f"train.optimizer must be adamw, adamw8bit or paged_adamw8bit, got '{tcfg.optimizer}'")
+    import bitsandbytes as bnb
+    return (bnb.optim.PagedAdamW8bit if tcfg.optimizer.startswith("paged") else bnb.optim.AdamW8bit)(params, **kw)
+
+
 def train(model, examples: list, collate, step_fn, tcfg, out_dir: Path, resume: bool = False,
           progress=None, accelerator=None) -> dict:
     """Run the optimizer loop; returns figures (losses, steps, tokens/s, seconds)."""
@@ -137,7 +148,7 @@ def train(model, examples: list, collate, step_fn, tcfg, out_dir: Path, resume: 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("nothing to train: the recipe leaves every parameter frozen")
-    opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    opt = optimizer(params, tcfg)
     steps = total_steps(tcfg, len(examples), acc.num_processes)
     if tcfg.scheduler not in ("cosine", "linear", "constant"):
         raise UserError(f"train.scheduler must be cosine, linear or constant, got '{tcfg.scheduler}'")
