@@ -279,3 +279,39 @@ def test_lora_settings_that_cannot_apply_are_named(tiny_cfg, sets, match):
     cfg = tiny_cfg(*sets)
     with pytest.raises(UserError, match=match):
         configure_trainable(_built(cfg), cfg)
+
+
+@pytest.mark.slow
+def test_a_stage_after_a_peft_run_starts_from_its_merged_weights(trained, tiny_cfg, shapes):
+    """init_from a LoRA run: its adapters fold into the next stage's starting weights, which then takes fresh
+    adapters of its own (not peft's nesting of one adapter in another); a QLoRA run is refused there."""
+    _, out, _ = trained("dora-all-parts")
+    cfg = tiny_cfg(f"model.init_from={out}", "peft.method=lora", "peft.r=4", "train.parts=[]")
+    start = build_model(cfg.model)
+    assert not start.peft_parts()
+    batch = _batch(start, shapes)
+    with torch.no_grad():
+        ref = load_model(out).eval()(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        got = start.eval()(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+    configure_trainable(start, cfg)
+    assert count_params(start)[0] == analytic_count("lora", start)
+    with pytest.raises(UserError, match="tinyml merge"):
+        build_model(tiny_cfg(f"model.init_from={trained('qlora')[1]}").model)
+
+
+def test_adapters_disabled_gives_the_base_model_of_every_part(tiny_cfg, shapes):
+    """The DPO / PPO reference under a peft method: adapters off in the LLM, the vision tower and the connector."""
+    cfg = tiny_cfg("peft.method=lora", "peft.r=4", "peft.parts=[llm,vision,connector]")
+    model, plain = _fresh(cfg).eval(), _built(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+        batch = _batch(model, shapes)
+        args = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+        base = plain(*args)
+        assert not torch.allclose(model(*args), base, atol=1e-3)
+        with model.adapters_disabled():
+            assert torch.allclose(model(*args), base, atol=1e-5)  # fp32 rounding
+        assert not torch.allclose(model(*args), base, atol=1e-3)
