@@ -40,19 +40,27 @@ def _logits(folder, shapes):
 
 @pytest.mark.parametrize("method,sets,atol", [
     ("lora", [], 1e-4), ("dora", [], 1e-4), ("ia3", [], 1e-4),
-    ("bitfit", ["peft.parts=[vision,connector]"], 0.0),
+    ("lora", ["peft.parts=[llm,vision,connector]"], 1e-4),
+    pytest.param("bitfit", ["peft.parts=[vision,connector]"], 0.0, marks=pytest.mark.slow),  # via the CLI
     # QLoRA: bitsandbytes' fast CPU inference kernel computes in bf16 (0.05 off here), far inside the 4-bit
     # quantization error (1.7 on these logits against the fp32 base); with its exact kernel, see below, 1e-4
     ("qlora", [], 0.1)])
 def test_merged_model_gives_the_adapter_model_s_logits(tiny_cfg, shapes, tmp_path, method, sets, atol):
-    run = _run_folder(tiny_cfg, tmp_path, method, *sets)
-    r = merge_run(run, tmp_path / "merged")
-    merged = tmp_path / "merged"
-    assert not (merged / "llm_adapter").exists()
+    run, merged = _run_folder(tiny_cfg, tmp_path, method, *sets), tmp_path / "merged"
+    if method == "bitfit":  # through the command line, as users run it
+        p = subprocess.run([sys.executable, "-m", "tinyml_cli", "merge", str(run), str(merged), "--json"],
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+    else:
+        r = merge_run(run, merged)
+    if method == "lora" and sets:
+        assert {a.name for a in run.glob("*_adapter")} == {"llm_adapter", "vision_adapter", "connector_adapter"}
+    assert not list(merged.glob("*_adapter"))
     conf = json.loads((merged / "llm" / "config.json").read_text())
     assert "quantization_config" not in conf
     back = load_model(merged)
-    assert not hasattr(back.llm, "peft_config")
+    assert not back.peft_parts()
     assert all(p.dtype == torch.float32 for p in back.llm.parameters())  # full precision, QLoRA included
     assert r["metrics"]["dequantized_4bit_base"] == (method == "qlora")
     ref, out = _logits(run, shapes), _logits(merged, shapes)

@@ -41,3 +41,27 @@ def test_qformer_model_saves_and_loads(tiny_cfg, shapes, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(back.eval().encode_images(x), model.eval().encode_images(x))
+
+
+def test_qformer_connector_trains_from_a_recipe(tiny_cfg, shapes, tmp_path):
+    """model.connector=qformer in a recipe: pretrain-align trains the Q-Former alone and lowers the loss."""
+    from tinyml_cli.sft import run_sft
+    cfg = tiny_cfg("model.connector=qformer", "model.qformer_queries=4", "model.qformer_layers=1",
+                   "train.parts=[connector]", "train.lr=3e-3", "train.max_steps=6")
+    r = run_sft(cfg, tmp_path / "align", "pretrain-align")
+    torch.manual_seed(cfg.train.seed)
+    fresh, trained = build_model(cfg.model), load_model(tmp_path / "align")
+    assert isinstance(trained.connector, QFormerConnector) and trained.num_image_tokens == 4
+    d, l = fresh.spec["vision_dim"], fresh.spec["llm_dim"]
+    attention, mlp = 4 * d * d + 4 * d, 2 * d + d * 4 * d + 4 * d + 4 * d * d + d  # (q k v in, out); norm, fc, fc
+    layer = 3 * 2 * d + 2 * attention + mlp  # three norms, self- and cross-attention, MLP
+    assert r["trainable_params"] == 4 * d + 1 * layer + 2 * d + d * l + l  # queries, layers, norm, projection
+    before, after = dict(fresh.named_parameters()), dict(trained.named_parameters())
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    assert moved and all(n.startswith("connector.") for n in moved)
+    from tinyml_cli.data import Collator, Encoder, ImageLoader, load_examples
+    enc = Encoder(fresh.tokenizer, 4, 256)
+    ex, _ = load_examples(shapes / "train.jsonl", enc)
+    batch = Collator(fresh.tokenizer.pad_token_id, ImageLoader(fresh.image_processor))(ex[:16])
+    with torch.no_grad():
+        assert trained.eval()(**batch) < fresh.eval()(**batch)

@@ -75,22 +75,6 @@ def test_resume_after_crash_gives_identical_weights(tiny_cfg, tmp_path):
         assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a), f
 
 
-def test_lora_sft_saves_peft_adapter_and_loads(tiny_cfg, tmp_path, shapes):
-    cfg = tiny_cfg("peft.method=lora", "peft.r=4", "train.parts=connector", "train.lr=1e-2")
-    r = run_sft(cfg, tmp_path / "lora", "sft")
-    out = tmp_path / "lora"
-    assert (out / "llm_adapter" / "adapter_config.json").is_file()
-    assert (out / "llm_adapter" / "adapter_model.safetensors").is_file()
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-    base = AutoModelForCausalLM.from_pretrained(out / "llm")
-    PeftModel.from_pretrained(base, out / "llm_adapter")
-    model = load_model(out)
-    assert hasattr(model.llm, "peft_config")
-    # LoRA trains the adapters and the connector, a small part of the model
-    assert 0 < r["trainable_params"] < r["total_params"] / 2
-
-
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model, shapes, tiny_cfg, tmp_path):
     from tinyml_cli.data import Collator, Encoder, ImageLoader, load_examples
     from tinyml_cli.sft import configure_trainable, sft_step
@@ -138,58 +122,19 @@ def test_half_written_checkpoint_is_never_latest(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step-00000004"
 
 
-def test_qlora_trains_adapters_over_a_frozen_4bit_llm(tiny_cfg, tmp_path):
-    """QLoRA on CPU (bitsandbytes' CPU backend): 4-bit NF4 base stays fixed, adapters + connector train."""
+def test_qlora_loads_the_llm_in_4bit_nf4_with_double_quantization(tiny_cfg):
+    """QLoRA's base on CPU (bitsandbytes' CPU backend): NF4 weights, quantized constants, the compute dtype asked
+    for; LoRA on top. (That it trains, keeps the 4-bit base bit-identical and reloads: test_peft_methods.py.)"""
     import bitsandbytes as bnb
-    from tinyml_cli.evaluate import evaluate_model
     from tinyml_cli.model import build_model
     from tinyml_cli.sft import configure_trainable, quantization_config
 
-    cfg = tiny_cfg("peft.method=qlora", "peft.r=4", "train.parts=connector", "train.lr=1e-2", "train.max_steps=4")
+    cfg = tiny_cfg("peft.method=qlora", "peft.r=4", "train.parts=[]")
     model = build_model(cfg.model, quantization_config=quantization_config(cfg, torch.float32))
+    configure_trainable(model, cfg)
     linears = [m for m in model.llm.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    assert linears and all(m.weight.quant_type == "nf4" for m in linears)
-    configure_trainable(model, cfg)
+    assert len(linears) == 7 * model.llm.config.num_hidden_layers  # every linear layer but the output head
+    assert all(m.weight.quant_type == "nf4" and m.weight.quant_state.nested and m.compute_dtype == torch.float32
+               for m in linears)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n or n.startswith("connector.") for n in trainable)
-
-    r = run_sft(cfg, tmp_path / "qlora", "sft")
-    assert r["metrics"]["loss_last"] < r["metrics"]["loss_first"]
-    before = {n: m.weight.detach().clone() for n, m in model.llm.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-    loaded = load_model(tmp_path / "qlora")
-    after = {n: m.weight for n, m in loaded.llm.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-    assert after.keys() == before.keys()  # saved and loaded back as 4-bit
-    assert all(torch.equal(before[n], after[n]) for n in before)  # the quantized base did not move
-    assert hasattr(loaded.llm, "peft_config")
-    metrics, _ = evaluate_model(loaded, cfg.data.eval, cfg)
-    assert 0.0 <= metrics["vqa_accuracy"] <= 1.0 and metrics["n"] > 0
-
-
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
-def test_peft_methods_train_exactly_their_analytic_parameter_count(tiny_cfg, method):
-    from tinyml_cli.model import build_model, count_params
-    from tinyml_cli.sft import configure_trainable
-    cfg = tiny_cfg(f"peft.method={method}", "peft.r=4", "train.parts=[]")
-    model = build_model(cfg.model)
-    c = model.llm.config
-    h, f, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
-    linears = [(h, h), (h, kv), (h, kv), (h, h), (h, f), (h, f), (f, h)]  # q k v o gate up down: (in, out)
-    per_layer = {"lora": sum(4 * (i + o) for i, o in linears),
-                 "dora": sum(4 * (i + o) + o for i, o in linears),  # + one magnitude per output row
-                 "ia3": kv + kv + f}  # k and v outputs scaled, the MLP's down projection scaled on its input
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
-    configure_trainable(model, cfg)
-    assert count_params(model)[0] == per_layer[method] * c.num_hidden_layers
-    # the base weights are not trainable and were not touched by wrapping
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            key = n.replace("base_model.model.", "").replace(".base_layer", "")
-            assert key not in frozen or torch.equal(p, frozen[key]), n
-
-
-@pytest.mark.parametrize("method", ["dora", "ia3"])
-def test_dora_and_ia3_lower_the_loss(tiny_cfg, tmp_path, method):
-    cfg = tiny_cfg(f"peft.method={method}", "peft.r=4", "train.parts=[]", "train.lr=1e-2", "train.max_steps=8")
-    r = run_sft(cfg, tmp_path / method, "sft")
-    assert r["metrics"]["loss_last"] < r["metrics"]["loss_first"]
-    assert (tmp_path / method / "llm_adapter" / "adapter_model.safetensors").is_file()
+    assert trainable and all("lora_" in n for n in trainable)

@@ -79,7 +79,8 @@ class TrainConfig:
 class PeftConfig:
     method: str = _f("freeze", "full (every weight) | freeze (train.parts) | lora | qlora (4-bit LLM + LoRA) | dora | ia3 | "
                                "bitfit (biases only) | adapter (Houlsby bottlenecks) | prompt-tuning | prefix-tuning")
-    parts: list = _f(["llm"], "where bitfit / adapter apply: llm, vision, connector (the peft methods: llm only)")
+    parts: list = _f(["llm"], "where lora / dora / qlora, bitfit and adapter apply: llm, vision, connector "
+                              "(ia3, prompt-tuning, prefix-tuning: llm only)")
     r: int = _f(8, "LoRA rank")
     alpha: int = _f(16, "LoRA alpha")
     dropout: float = _f(0.05, "LoRA dropout")

@@ -22,10 +22,8 @@ from .config import RunConfig, save_config
 def reference_fn(model, cfg: RunConfig):
     """(batch -> summed log-probs (2B,)) of the reference, for references not precomputed."""
     from .preference import token_logps
-    if hasattr(model.llm, "disable_adapter"):  # peft: the base weights are the reference
-        def ref_ctx():
-            return model.llm.disable_adapter()
-        ref = model
+    if model.peft_parts():  # peft: the base weights are the reference
+        ref, ref_ctx = model, model.adapters_disabled
     else:
         ref = copy.deepcopy(model).requires_grad_(False).eval()
         ref_ctx = contextlib.nullcontext

@@ -103,11 +103,12 @@ def _numel(module, trainable_only=False) -> int:
 
 
 def param_counts(meta: MetaLMM) -> dict:
-    """Exact parameter counts per part (the LLM without peft adapters, which are counted apart) and trainable."""
-    adapter = sum(p.numel() for n, p in meta.llm.named_parameters() if _is_adapter(n))
-    counts = {"llm": _numel(meta.llm) - adapter, "vision": _numel(meta.vision), "connector": _numel(meta.connector)}
+    """Exact parameter counts per part (without peft adapters, which are counted apart) and trainable."""
+    parts = {"llm": meta.llm, "vision": meta.vision, "connector": meta.connector}
+    adapters = {k: sum(p.numel() for n, p in m.named_parameters() if _is_adapter(n)) for k, m in parts.items()}
+    counts = {k: _numel(m) - adapters[k] for k, m in parts.items()}  # LoRA / DoRA may adapt any part
     counts["total"] = sum(counts.values())
-    counts["adapters"] = adapter
+    counts["adapters"] = sum(adapters.values())
     counts["trainable"] = sum(p.numel() for p in meta.parameters() if p.requires_grad)
     return counts
 

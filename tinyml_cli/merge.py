@@ -1,6 +1,7 @@
 """merge: fold a run's adapters into full-precision weights, giving a plain tinyml model folder.
 
-LoRA, DoRA and IA3 adapters fold into the layers they adapt (peft's `merge_and_unload`). A QLoRA run's base is
+LoRA, DoRA and IA3 adapters fold into the layers they adapt (peft's `merge_and_unload`), in every part that
+has them (`llm_adapter/`, `vision_adapter/`, `connector_adapter/`). A QLoRA run's base is
 4-bit: it is first dequantized to fp32 (transformers' `dequantize`, bitsandbytes' `dequantize_4bit` underneath)
 and the adapters merge into that, so the merged model computes what the QLoRA model computed, in full
 precision. (Merging into the 4-bit weights would round the sum back to 4 bits and lose most of the update.)
@@ -36,10 +37,9 @@ def _dequantized(llm):
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> dict:
-    import torch
-    from peft import PeftConfig, PeftModel
+    from peft import PeftConfig
 
-    from .model import count_params, is_model_dir, load_model
+    from .model import count_params, is_model_dir, load_model, load_peft_adapters
 
     t0 = time.time()
     src, out = Path(run_dir), Path(out_dir)
@@ -55,9 +55,8 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False)
     if "bottleneck_adapters" in spec:
         raise UserError("bottleneck adapters (peft.method=adapter) are non-linear and cannot be folded into "
                         f"weights; {src} loads as it is")
-    adapter = src / "llm_adapter"
     kind = "none"
-    if adapter.is_dir():
+    for adapter in sorted(src.glob("*_adapter")):  # llm_adapter/, and vision_ / connector_adapter/ for LoRA, DoRA
         pcfg = PeftConfig.from_pretrained(str(adapter))
         kind = str(pcfg.peft_type.value if hasattr(pcfg.peft_type, "value") else pcfg.peft_type).lower()
         if pcfg.is_prompt_learning:
@@ -67,8 +66,8 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False)
     quantized = bool(getattr(model.llm, "is_loaded_in_4bit", False))
     if quantized:
         model.llm = _dequantized(model.llm)
-    if adapter.is_dir():
-        model.llm = PeftModel.from_pretrained(model.llm, str(adapter)).merge_and_unload()
+    load_peft_adapters(model, src)
+    model.merge_adapters()
     model.save(out)
     trainable, total = count_params(model)
     return {"command": "merge", "output_dir": str(out),

@@ -5,7 +5,8 @@ the connector's outputs before the LLM runs. A model saves as one folder:
 
     tinyml_model.json      composition (connector, feature layer, image token, ...)
     llm/                   HF causal LM + tokenizer (save_pretrained)
-    llm_adapter/           peft adapter, when the LLM was trained with one
+    llm_adapter/           peft adapter, when the LLM was trained with one (vision_adapter/, connector_adapter/:
+                           LoRA / DoRA on those parts, loading with PeftModel.from_pretrained on the saved part)
     adapters.safetensors   bottleneck adapters (peft.method=adapter; see adapters.py)
     vision/                HF vision encoder + image processor
     connector.safetensors
@@ -206,6 +207,9 @@ def vision_geometry(vision) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------- the model
+PARTS = ("llm", "vision", "connector")
+
+
 class LMM(nn.Module):
     def __init__(self, vision, connector, llm, tokenizer, image_processor, spec: dict):
         super().__init__()
@@ -224,6 +228,23 @@ class LMM(nn.Module):
     def base_llm(self):
         """The LLM under any peft wrapper."""
         return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+
+    def peft_parts(self) -> list[str]:
+        """The parts wrapped in a peft model (LoRA, DoRA, IA3, prompt / prefix tuning)."""
+        return [p for p in PARTS if hasattr(getattr(self, p), "peft_config")]
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        """The base model: every part's peft adapters off until the block ends (the DPO / PPO reference)."""
+        with contextlib.ExitStack() as stack:
+            for p in self.peft_parts():
+                stack.enter_context(getattr(self, p).disable_adapter())
+            yield
+
+    def merge_adapters(self) -> None:
+        """Fold every part's peft adapters into its weights (peft's merge_and_unload)."""
+        for p in self.peft_parts():
+            setattr(self, p, getattr(self, p).merge_and_unload())
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         vdtype = next(self.vision.parameters()).dtype
@@ -299,17 +320,16 @@ class LMM(nn.Module):
         from safetensors.torch import save_file
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        if hasattr(self.llm, "peft_config"):
-            self.llm.save_pretrained(out / "llm_adapter")
-            with adapters_lifted(self.llm) as base:
-                base.save_pretrained(out / "llm")
-        else:
-            self.llm.save_pretrained(out / "llm")
+        for p in self.peft_parts():
+            getattr(self, p).save_pretrained(out / f"{p}_adapter")
+        with adapters_lifted(self.llm) as llm, adapters_lifted(self.vision) as vision, \
+                adapters_lifted(self.connector) as connector:
+            llm.save_pretrained(out / "llm")
+            vision.save_pretrained(out / "vision")
+            state = {k: v.detach().contiguous() for k, v in connector.state_dict().items()}
+            save_file(state, str(out / "connector.safetensors"))
         self.tokenizer.save_pretrained(out / "llm")
-        self.vision.save_pretrained(out / "vision")
         self.image_processor.save_pretrained(out / "vision")
-        state = {k: v.detach().contiguous() for k, v in self.connector.state_dict().items()}
-        save_file(state, str(out / "connector.safetensors"))
         if "bottleneck_adapters" in self.spec:  # tinyml's own adapters (peft has none of that kind)
             from .adapters import save_adapters
             save_adapters(self, out)
@@ -317,15 +337,19 @@ class LMM(nn.Module):
 
 
 @contextlib.contextmanager
-def adapters_lifted(peft_llm):
-    """The base model of a peft model with its original layers back in place, until the block ends.
+def adapters_lifted(module):
+    """The base model of a peft model with its original layers back in place, until the block ends (any other
+    module: itself).
 
     peft wraps each adapted layer (`q_proj` -> `q_proj.base_layer` + `lora_A`...); saved as is, the base's own
     weights would be missing under their real names and re-initialised on load. Swapping the modules (rather
     than passing a cleaned state dict, which the bitsandbytes quantizer ignores) works for 4-bit bases too.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
-    base = peft_llm.get_base_model()
+    if not hasattr(module, "get_base_model"):
+        yield module
+        return
+    base = module.get_base_model()
     swapped = []
     for name, mod in list(base.named_modules()):
         if isinstance(mod, BaseTunerLayer) and hasattr(mod, "base_layer"):
@@ -342,9 +366,19 @@ def adapters_lifted(peft_llm):
 
 def build_model(mcfg, dtype=None, quantization_config=None) -> LMM:
     """Compose the model a recipe describes: from `model.init_from` (a tinyml folder) or from its parts."""
+    from .prompt_learning import num_virtual_tokens
     if mcfg.init_from:
-        return load_model(mcfg.init_from, dtype=dtype, trust_remote_code=mcfg.trust_remote_code,
-                          quantization_config=quantization_config)
+        model = load_model(mcfg.init_from, dtype=dtype, trust_remote_code=mcfg.trust_remote_code,
+                           quantization_config=quantization_config)
+        # The previous stage's peft adapters fold into the weights this stage starts from (a new peft method
+        # would otherwise wrap a peft model, which peft nests under the same adapter name).
+        if model.peft_parts():
+            if getattr(model.base_llm(), "is_loaded_in_4bit", False) or num_virtual_tokens(model.llm):
+                raise UserError(f"model.init_from={mcfg.init_from}: its adapters do not fold into this run's "
+                                f"weights (a 4-bit base, or learned tokens); run `tinyml merge` on it first for "
+                                f"LoRA / QLoRA, and start from the merged folder")
+            model.merge_adapters()
+        return model
     vision, processor = load_vision(mcfg.vision, mcfg.trust_remote_code, dtype)
     llm, tok = load_llm(mcfg.llm, mcfg.trust_remote_code, dtype, mcfg.attn_implementation, quantization_config)
     vdim, patches = vision_geometry(vision)
@@ -377,18 +411,26 @@ def load_model(path: str | Path, dtype=None, trust_remote_code: bool = False, ad
     spec = json.loads((path / "tinyml_model.json").read_text())
     vision, processor = load_vision(str(path / "vision"), trust_remote_code, dtype)
     llm, tok = load_llm(str(path / "llm"), trust_remote_code, dtype, quantization_config=quantization_config)
-    if adapter and (path / "llm_adapter").is_dir():
-        from peft import PeftModel
-        llm = PeftModel.from_pretrained(llm, str(path / "llm_adapter"), is_trainable=False)
     connector = build_connector(spec["connector"], spec["vision_dim"], spec["llm_dim"], *connector_size(spec))
     connector.load_state_dict(load_file(str(path / "connector.safetensors")))
     if dtype is not None:
         connector.to(dtype)
     model = LMM(vision, connector, llm, tok, processor, spec)
+    if adapter:
+        load_peft_adapters(model, path)
     if "bottleneck_adapters" in spec:
         from .adapters import load_adapters
         load_adapters(model, path)
     return model
+
+
+def load_peft_adapters(model: LMM, path: str | Path) -> None:
+    """Put the peft adapters saved in a model folder (`PART_adapter/`) back on their parts."""
+    from peft import PeftModel
+    for p in PARTS:
+        if (Path(path) / f"{p}_adapter").is_dir():
+            setattr(model, p, PeftModel.from_pretrained(getattr(model, p), str(Path(path) / f"{p}_adapter"),
+                                                        is_trainable=False))
 
 
 def count_params(module: nn.Module) -> tuple[int, int]:

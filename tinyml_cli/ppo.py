@@ -84,8 +84,8 @@ def run_ppo(cfg: RunConfig, out_dir: str | Path, progress=None) -> dict:
     collate = Collator(model.tokenizer.pad_token_id, images)
     gen_collate = Collator(model.tokenizer.pad_token_id, images, left_pad=True)
     score_fn = make_scorer(cfg, collate, model.device)
-    if hasattr(model.llm, "disable_adapter"):
-        ref, ref_ctx = model, model.llm.disable_adapter
+    if model.peft_parts():
+        ref, ref_ctx = model, model.adapters_disabled
     else:
         ref, ref_ctx = copy.deepcopy(model).requires_grad_(False).eval(), contextlib.nullcontext
     params = [p for p in critic.parameters() if p.requires_grad]

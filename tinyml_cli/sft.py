@@ -24,7 +24,7 @@ def encoder_layers(module):
 
 
 METHODS = ("full", "freeze", "lora", "qlora", "dora", "ia3", "bitfit", "adapter", "prompt-tuning", "prefix-tuning")
-LLM_ONLY = ("lora", "qlora", "dora", "ia3", "prompt-tuning", "prefix-tuning")  # peft adapters: on the LLM
+LLM_ONLY = ("ia3", "prompt-tuning", "prefix-tuning")  # peft methods the LLM alone takes (lora / dora: any part)
 
 
 def _check_parts(key: str, parts) -> None:
@@ -33,8 +33,21 @@ def _check_parts(key: str, parts) -> None:
         raise UserError(f"{key}: unknown part(s) {sorted(bad)} (choose from {', '.join(PARTS)})")
 
 
-def peft_config(cfg: RunConfig, method: str):
-    """peft's config for the methods it implements (lora, qlora, dora, ia3, prompt-tuning, prefix-tuning)."""
+def _linear_names(module) -> list[str]:
+    """Every nn.Linear of a vision tower or connector, except the projections of nn.MultiheadAttention (the
+    resampler's, Q-Former's and SigLIP head's attention): its forward reads their weights directly, so a LoRA
+    wrapped around them would never run."""
+    from torch import nn
+    inside = {f"{n}.{c}" for n, m in module.named_modules() if isinstance(m, nn.MultiheadAttention)
+              for c, _ in m.named_children()}
+    return [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and n not in inside]
+
+
+def peft_config(cfg: RunConfig, method: str, part: str = "llm", module=None):
+    """peft's config for the methods it implements (lora, qlora, dora, ia3, prompt-tuning, prefix-tuning).
+
+    On the LLM, `all-linear` is peft's (every linear layer but the output head); on the vision tower or the
+    connector (LoRA / DoRA), it is `_linear_names` of that part."""
     from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
     targets = cfg.peft.target_modules
     targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
@@ -46,8 +59,21 @@ def peft_config(cfg: RunConfig, method: str):
             raise UserError(f"peft.virtual_tokens must be at least 1, got {cfg.peft.virtual_tokens}")
         kind = PromptTuningConfig if method == "prompt-tuning" else PrefixTuningConfig
         return kind(task_type="CAUSAL_LM", num_virtual_tokens=cfg.peft.virtual_tokens)
+    if part != "llm" and targets == "all-linear":
+        targets = _linear_names(module)
     return LoraConfig(r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
-                      target_modules=targets, use_dora=method == "dora", task_type="CAUSAL_LM")
+                      target_modules=targets, use_dora=method == "dora",
+                      task_type="CAUSAL_LM" if part == "llm" else None)
+
+
+def add_peft(model, part: str, config) -> None:
+    """Wrap one part of the model in a peft model; a target that matches nothing in it is a user error."""
+    from peft import get_peft_model
+    try:
+        setattr(model, part, get_peft_model(getattr(model, part), config))
+    except ValueError as e:
+        raise UserError(f"peft.method={config.peft_type.value.lower()} on the {part}: "
+                        f"{str(e).splitlines()[0]} (see peft.target_modules)") from None
 
 
 def train_biases(model, parts: list[str]) -> None:
@@ -68,10 +94,10 @@ def train_biases(model, parts: list[str]) -> None:
 def configure_trainable(model, cfg: RunConfig) -> None:
     """Set requires_grad from peft.method, peft.parts and train.parts.
 
-    `full` trains every weight and `freeze` the parts in train.parts. The peft methods (lora, dora, ia3, prompt /
-    prefix tuning; qlora over an LLM loaded in 4-bit, see `quantization_config`) adapt the LLM; bitfit (bias
-    terms) and tinyml's bottleneck adapters (adapter) adapt the parts in peft.parts. Under them the
-    base weights stay frozen: train.parts may add the connector or the vision tower in full, never the LLM.
+    `full` trains every weight and `freeze` the parts in train.parts. lora, dora (and qlora, over an LLM loaded
+    in 4-bit, see `quantization_config`), bitfit (bias terms) and tinyml's bottleneck adapters (adapter) adapt
+    the parts in peft.parts; ia3 and prompt / prefix tuning adapt the LLM. Under them the base weights stay
+    frozen: train.parts may add the connector or the vision tower in full, never the LLM.
     """
     method, parts = cfg.peft.method, set(cfg.train.parts)
     _check_parts("train.parts", parts)
@@ -88,14 +114,16 @@ def configure_trainable(model, cfg: RunConfig) -> None:
             raise UserError("peft.parts is empty: name where the method applies (llm, vision, connector)")
         if method in LLM_ONLY and targets != ["llm"]:
             raise UserError(f"peft.method={method} applies to the LLM only: set peft.parts=[llm]")
+        if method == "qlora" and "llm" not in targets:
+            raise UserError("peft.method=qlora puts LoRA on the 4-bit LLM: peft.parts must include llm")
         if method == "bitfit":
             train_biases(model, targets)
         elif method == "adapter":
             from .adapters import attach_adapters
             attach_adapters(model, targets, cfg.peft.adapter_size)
         else:
-            from peft import get_peft_model
-            model.llm = get_peft_model(model.llm, peft_config(cfg, method))
+            for part in targets:
+                add_peft(model, part, peft_config(cfg, method, part, getattr(model, part)))
         parts -= {"llm", *targets}
     if "connector" in parts:
         model.connector.requires_grad_(True)
