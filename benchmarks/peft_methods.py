@@ -104,8 +104,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if not torch.cuda.is_available():
-        # One thread: on a shared, busy CPU, threads that wait on each other ran the setup 9x slower (13.5 min
-        # against 1.5 min for build_tiny at a load of 6 on 2 cores); step times are single-thread figures.
+        # One thread: on a shared, busy CPU threads wait on each other (build_tiny took 13.5 min with torch's
+        # default threads at a load of 6-9 on 2 cores, 1.5 min with one at a load of 5). Step times are
+        # single-thread figures.
         torch.set_num_threads(1)
 
     from rich.table import Table

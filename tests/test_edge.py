@@ -123,7 +123,7 @@ def test_hf_llava_logits_match_from_a_lora_run(tiny_cfg, examples, tmp_path):
 
     from tinyml_cli.export import export_hf_llava, llava_max_logit_diff
     from tinyml_cli.sft import run_sft
-    run_sft(tiny_cfg("peft.method=lora", "peft.r=4"), tmp_path / "lora", "sft")
+    run_sft(tiny_cfg("peft.method=lora", "peft.r=4", "peft.parts=[llm,vision,connector]"), tmp_path / "lora", "sft")
     export_hf_llava(tmp_path / "lora", tmp_path / "llava")
     assert isinstance(LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava"), LlavaForConditionalGeneration)
     assert llava_max_logit_diff(tmp_path / "lora", tmp_path / "llava", examples[:6]) <= 1e-3

@@ -30,14 +30,13 @@ OPSET = 17
 
 
 def load_merged(model_dir: str | Path, dtype=torch.float32):
-    """A tinyml model with any LoRA / DoRA / IA3 adapter merged into its LLM, in eval mode."""
+    """A tinyml model with any LoRA / DoRA / IA3 adapter merged into its parts, in eval mode."""
     from .model import load_model
     model = load_model(model_dir, dtype=dtype)
-    llm = model.llm
-    if hasattr(llm, "merge_and_unload"):
-        if getattr(llm.get_base_model(), "is_loaded_in_4bit", False):
+    if model.peft_parts():
+        if getattr(model.base_llm(), "is_loaded_in_4bit", False):
             raise UserError(f"{model_dir}: the LLM base is 4-bit (a QLoRA run); export needs a full-precision base")
-        model.llm = llm.merge_and_unload()
+        model.merge_adapters()
     return model.eval()
 
 
