@@ -56,6 +56,10 @@ class ChatTokenizer:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
         from tokenizers import Tokenizer
         self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        # A tokenizer.json keeps the padding / truncation of the last batch call before it was saved (the tiny
+        # default's pads every text to 32 tokens); transformers resets both on each call, and so must we.
+        self.tok.no_padding()
+        self.tok.no_truncation()
         cfg = json.loads((folder / "tokenizer_config.json").read_text())
         template = folder / "chat_template.jinja"
         source = template.read_text() if template.is_file() else cfg.get("chat_template")
