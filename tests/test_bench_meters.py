@@ -21,7 +21,7 @@ def test_live_tensor_bytes_tracks_peak_and_frees():
     assert mode.current == 1000
 
 
-def test_token_counter_sums_attention_mask_of_forward_calls():
+def test_token_counter_sums_attention_mask_of_training_forward_calls():
     class M(torch.nn.Module):
         def forward(self, input_ids, attention_mask):
             return input_ids
@@ -30,4 +30,6 @@ def test_token_counter_sums_attention_mask_of_forward_calls():
     counter = common.TokenCounter(m)
     m(input_ids=torch.zeros(2, 4), attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]))
     m(torch.zeros(1, 3), torch.ones(1, 3))
+    with torch.no_grad():  # a reference pass (TRL's DPO runs it through the same peft model) trains nothing
+        m(torch.zeros(1, 3), torch.ones(1, 3))
     assert counter.total == 5 + 3

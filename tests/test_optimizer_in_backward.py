@@ -24,7 +24,7 @@ def test_weights_and_losses_match_the_ordinary_optimizer(tiny_cfg, tmp_path):
     run_sft(tiny_cfg(*FULL, "train.optimizer_in_backward=true"), tmp_path / "inbw", "sft")
     assert _losses(tmp_path / "plain") == pytest.approx(_losses(tmp_path / "inbw"), rel=1e-5, abs=1e-6)
     start = load_file(f"{cfg.model.llm}/model.safetensors")
-    a, b = load_file(tmp_path / "plain" / "llm/model.safetensors"), load_file(tmp_path / "inbw" / "llm/model.safetensors")
+    a, b = (load_file(tmp_path / run / "llm" / "model.safetensors") for run in ("plain", "inbw"))
     assert all(not torch.equal(a[k], start[k]) for k in a), "every LLM weight trains"
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), (k, (a[k] - b[k]).abs().max())
