@@ -10,7 +10,7 @@ Meters, the same on both sides:
 - time: wall clock between optimizer steps, after warm-up steps;
 - peak memory: the largest total size of live tensor storages, tracked by a TorchDispatchMode over every
   tensor an op reads or writes (weights, gradients, optimizer state, activations, batches), in its own run,
-  since tracking slows each op. Peak RSS of each side's process is reported beside it.
+  since tracking slows each op. Peak RSS of each side's process (VmHWM) is reported beside it.
 """
 
 from __future__ import annotations
@@ -197,7 +197,16 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """Peak resident memory of this process since it started (Linux: VmHWM).
+
+    Not getrusage's ru_maxrss: Linux carries the parent's RSS at fork over exec into it, so every side would
+    report at least the driver's size (which builds the model and the exports).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 # ------------------------------------------------------------------------------------- the shared setting
