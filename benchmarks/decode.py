@@ -6,7 +6,8 @@ The model is common.py's random-weight LLaVA model (Llama LLM ~32M parameters, 3
 not the Python around them, are most of a decode step). Three sides, each in a fresh process:
 - eager: tinyml's PyTorch model in fp32, `LMM.generate` (transformers' generate, KV cache), as `tinyml generate`;
 - fp32_onnx: `tinyml export --format onnx`, run by tinyml's torch-free onnx_runner (onnxruntime, KV cache);
-- int4_onnx: that export after `tinyml quantize --method int4` (MatMulNBits weights, block 32, int4 embeddings).
+- int4_onnx: that export after `tinyml quantize --method int4` (MatMulNBits weights, block 32, accuracy level 4,
+  int4 embeddings).
 Each side answers the same image questions (the shapes records' first turns, encoded by tinyml's eval path), one
 at a time, `--new-tokens` greedy tokens each (fewer where the model ends its answer), after one warm-up answer.
 tokens/s = generated tokens / wall time of the generate calls (image encoding and prompt prefill included).
