@@ -364,10 +364,9 @@ def compare(script: str, a, say) -> dict:
             res[side]["peak_memory_bytes"] = o["peak_memory_bytes"]
             say(f"{method} {side} peak tensor memory {o['peak_memory_bytes'] / 2**20:.0f} MiB")
         for side in ("tinyml", "trl"):
-            runs = res[side]["runs"]
-            res[side]["tokens_per_s"] = median([o["tokens_per_s"] for o in runs])
-            res[side]["tokens_per_s_runs"] = [o["tokens_per_s"] for o in runs]
-            res[side]["peak_rss_bytes"] = median([o["peak_rss_bytes"] for o in runs])
+            runs, tps = res[side]["runs"], [o["tokens_per_s"] for o in res[side]["runs"]]
+            res[side].update(tokens_per_s=median(tps), tokens_per_s_runs=tps,
+                             peak_rss_bytes=median([o["peak_rss_bytes"] for o in runs]))
         res["ratios"] = {"tokens_per_s": res["tinyml"]["tokens_per_s"] / res["trl"]["tokens_per_s"],
                          "peak_memory": res["tinyml"]["peak_memory_bytes"] / res["trl"]["peak_memory_bytes"],
                          "peak_rss": res["tinyml"]["peak_rss_bytes"] / res["trl"]["peak_rss_bytes"]}
