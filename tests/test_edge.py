@@ -90,8 +90,11 @@ def test_int4_quantization_sizes_and_ops(exported, examples, tmp_path):
     from tinyml_cli.onnx_runner import OnnxLMM, greedy_tokens
     from tinyml_cli.quantize import quantize_onnx
     asym = quantize_onnx(exported, tmp_path / "asym", block_size=32)
-    sym = quantize_onnx(exported, tmp_path / "sym", block_size=32, symmetric=True)
+    sym = quantize_onnx(exported, tmp_path / "sym", block_size=32, symmetric=True, accuracy_level=0)
     assert asym["size_ratio"] <= 0.35 and sym["size_ratio"] < asym["size_ratio"]
+    levels = {f: {a.i for n in onnx.load(str(tmp_path / f / "decoder.onnx")).graph.node if n.op_type == "MatMulNBits"
+                  for a in n.attribute if a.name == "accuracy_level"} for f in ("asym", "sym")}
+    assert levels == {"asym": {4}, "sym": set()}  # int8 compute by default; 0 (fp32) leaves the attribute out
     for f in ("decoder", "vision"):
         g = onnx.load(str(tmp_path / "asym" / f"{f}.onnx")).graph
         weights = {i.name for i in g.initializer}

@@ -320,6 +320,7 @@ def quantize(source: Path = typer.Argument(..., help="An ONNX export (int4) or a
              method: str = typer.Option("int4", "--method", "-m", help="int4 (ONNX MatMulNBits) | nf4 | fp4 | int8 (bitsandbytes)."),
              block_size: int = typer.Option(32, "--block-size", help="int4: input channels per quantization block."),
              symmetric: bool = typer.Option(False, "--symmetric", help="int4: symmetric blocks (no zero points)."),
+             accuracy_level: int = typer.Option(4, "--accuracy-level", help="int4: MatMulNBits compute, 4 int8 activations (faster on CPU) | 0 fp32."),
              data: Optional[str] = typer.Option(None, "--data", "-d", help="Held-out data: evaluate before and after."),
              config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, json_mode: bool = JsonOpt):
     """Quantize a model and report file sizes and, with --data, the eval change against the unquantized model.
@@ -330,7 +331,8 @@ def quantize(source: Path = typer.Argument(..., help="An ONNX export (int4) or a
     from .edge import run_quantize
     if method != "int4":  # bitsandbytes goes through transformers; the int4 path stays torch-free
         ui.quiet_libraries()
-    ui.emit(run_quantize(source, output_dir, method, block_size, symmetric, data, _config(config, set_)), json_mode)
+    ui.emit(run_quantize(source, output_dir, method, block_size, symmetric, data, _config(config, set_), accuracy_level),
+            json_mode)
 
 
 @app.command()

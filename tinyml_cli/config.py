@@ -66,6 +66,8 @@ class TrainConfig:
     warmup_ratio: float = _f(0.03, "fraction of steps of linear warmup")
     scheduler: str = _f("cosine", "cosine | linear | constant")
     max_grad_norm: float = _f(1.0, "gradient clipping (0: off)")
+    optimizer_in_backward: bool = _f(False, "step each weight's AdamW inside the backward pass and free its gradient at once "
+                                            "(no full gradient buffer; needs grad_accum 1, max_grad_norm 0, one process)")
     mixed_precision: str = _f("auto", "auto (bf16 where the GPU supports it) | no | bf16 | fp16")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     seed: int = _f(0, "seed for weights init, data order and dropout")

@@ -108,7 +108,7 @@ def run_export(model_dir: str | Path, out: str | Path, fmt: str = "onnx", dtype:
 
 
 def run_quantize(src: str | Path, out: str | Path, method: str, block_size: int, symmetric: bool,
-                 data: str | None, cfg) -> dict:
+                 data: str | None, cfg, accuracy_level: int = 4) -> dict:
     """`tinyml quantize`: sizes before and after and, given held-out data, the accuracy of both."""
     import time
     t0 = time.time()
@@ -118,7 +118,7 @@ def run_quantize(src: str | Path, out: str | Path, method: str, block_size: int,
     if method == "int4":  # torch-free: the ONNX quantizer and runner
         from .onnx_runner import run_eval_onnx
         from .quantize import quantize_onnx
-        metrics |= quantize_onnx(src, out, block_size=block_size, symmetric=symmetric)
+        metrics |= quantize_onnx(src, out, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level)
         if data:
             metrics["vqa_accuracy_before"] = run_eval_onnx(src, cfg)["metrics"]["vqa_accuracy"]
             metrics["vqa_accuracy_after"] = run_eval_onnx(out, cfg)["metrics"]["vqa_accuracy"]

@@ -32,6 +32,23 @@ def onnx_sizes(folder: str | Path) -> dict:
     return sizes
 
 
+def _generation_tag():
+    """A jinja extension reading `{% generation %}...{% endgeneration %}` as its body alone.
+
+    transformers' templates may mark assistant text with it (for assistant-token masks, e.g. TRL's
+    `assistant_only_loss`); the marks change nothing in the rendered text.
+    """
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+    return Generation
+
+
 class ChatTokenizer:
     """The few tokenizer methods `data.Encoder` and decoding use, from tokenizer.json and the chat template."""
 
@@ -39,13 +56,17 @@ class ChatTokenizer:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
         from tokenizers import Tokenizer
         self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        # A tokenizer.json keeps the padding / truncation of the last batch call before it was saved (the tiny
+        # default's pads every text to 32 tokens); transformers resets both on each call, and so must we.
+        self.tok.no_padding()
+        self.tok.no_truncation()
         cfg = json.loads((folder / "tokenizer_config.json").read_text())
         template = folder / "chat_template.jinja"
         source = template.read_text() if template.is_file() else cfg.get("chat_template")
         if not source:
             raise UserError(f"{folder}: no chat template (chat_template.jinja or tokenizer_config.json)")
         # transformers renders chat templates in this environment (trim_blocks, lstrip_blocks, sandboxed)
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_generation_tag()])
         self.template = env.from_string(source)
         name = lambda v: v.get("content") if isinstance(v, dict) else v  # noqa: E731
         self.special = {k: name(cfg.get(k)) or "" for k in ("bos_token", "eos_token", "pad_token", "unk_token")}

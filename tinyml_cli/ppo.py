@@ -73,6 +73,8 @@ def run_ppo(cfg: RunConfig, out_dir: str | Path, progress=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.data.train:
         raise UserError("data.train is not set (preference records; their prompts are the rollout prompts)")
+    if cfg.train.optimizer_in_backward:  # ppo runs its own optimizer loop
+        raise UserError("ppo does not support train.optimizer_in_backward")
     model, enc = build_policy(cfg)
     critic = ScalarHead(model, init_std=0.0)  # values start at 0
     critic.head.requires_grad_(True)

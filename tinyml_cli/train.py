@@ -5,6 +5,8 @@ Data order is a seeded permutation per epoch, so a run resumed from a checkpoint
 uninterrupted run would.
 Checkpoints (trainable weights, optimizer, scheduler, RNG, step) are written to a temporary folder and
 renamed into place, so a half-written one is never taken as the latest.
+With `train.optimizer_in_backward` each weight takes its AdamW step inside the backward pass (see
+`step_in_backward`), so gradients of the whole model never exist at once.
 """
 
 from __future__ import annotations
@@ -116,6 +118,37 @@ def load_checkpoint(ckpt: Path, model, opt, sched) -> int:
     return json.loads((ckpt / "meta.json").read_text())["step"]
 
 
+def check_in_backward(tcfg, acc) -> None:
+    """What optimizer-in-backward cannot do: every one of these needs all gradients alive at one time."""
+    why = []
+    if tcfg.grad_accum != 1:
+        why.append("train.grad_accum=1 (gradients cannot add up over micro-batches; raise train.batch_size instead)")
+    if tcfg.max_grad_norm > 0:
+        why.append("train.max_grad_norm=0 (clipping by the global norm needs every gradient before any step)")
+    if acc.num_processes > 1:
+        why.append("one process (gradients are averaged across processes after the backward pass)")
+    if tcfg.optimizer != "adamw":
+        why.append("train.optimizer=adamw (the hook steps torch's AdamW one weight at a time)")
+    if acc.mixed_precision == "fp16":
+        why.append("train.mixed_precision no or bf16 (the fp16 loss scaler unscales all gradients before the step)")
+    if why:
+        raise UserError("train.optimizer_in_backward needs " + "; ".join(why))
+
+
+def step_in_backward(params: list, opt) -> list:
+    """Optimizer-in-backward (torchtune's name for it): a weight takes its optimizer step as soon as its gradient
+    is complete, and the gradient is dropped at once, so no full set of gradients is ever held.
+
+    One optimizer over all weights is kept, so the scheduler and checkpoints are unchanged: `opt.step()` updates
+    only weights that hold a gradient, and inside this hook that is the one weight whose gradient just finished.
+    Returns the hook handles.
+    """
+    def hook(p):
+        opt.step()
+        p.grad = None
+    return [p.register_post_accumulate_grad_hook(hook) for p in params]
+
+
 def total_steps(tcfg, n_examples: int, world: int = 1) -> int:
     if tcfg.max_steps > 0:
         return tcfg.max_steps
@@ -127,7 +160,9 @@ def optimizer(params, tcfg):
     """train.optimizer: torch's AdamW, or bitsandbytes' 8-bit AdamW (blockwise-quantized states), paged or not."""
     kw = {"lr": tcfg.lr, "weight_decay": tcfg.weight_decay}
     if tcfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, **kw)
+        # torch's fused AdamW (one kernel per weight, CPU and CUDA) is faster than its per-op loop, same update
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        return torch.optim.AdamW(params, fused=fused, **kw)
     if tcfg.optimizer not in ("adamw8bit", "paged_adamw8bit"):
         raise UserError(f"train.optimizer must be adamw, adamw8bit or paged_adamw8bit, got '{tcfg.optimizer}'")
     import bitsandbytes as bnb
@@ -148,7 +183,11 @@ def train(model, examples: list, collate, step_fn, tcfg, out_dir: Path, resume: 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("nothing to train: the recipe leaves every parameter frozen")
+    in_backward = tcfg.optimizer_in_backward
+    if in_backward:
+        check_in_backward(tcfg, acc)
     opt = optimizer(params, tcfg)
+    hooks = step_in_backward(params, opt) if in_backward else []
     steps = total_steps(tcfg, len(examples), acc.num_processes)
     if tcfg.scheduler not in ("cosine", "linear", "constant"):
         raise UserError(f"train.scheduler must be cosine, linear or constant, got '{tcfg.scheduler}'")
@@ -198,7 +237,8 @@ def train(model, examples: list, collate, step_fn, tcfg, out_dir: Path, resume: 
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / tcfg.grad_accum
         grad_norm = acc.clip_grad_norm_(params, tcfg.max_grad_norm) if tcfg.max_grad_norm > 0 else None
-        opt.step()
+        if not in_backward:  # else every weight has taken its step during the backward pass
+            opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         if acc.num_processes > 1:  # log the loss of the global batch, not of this process's shard
@@ -217,6 +257,8 @@ def train(model, examples: list, collate, step_fn, tcfg, out_dir: Path, resume: 
             progress(step + 1, steps, step_loss, tps)
         if tcfg.save_every and (step + 1) % tcfg.save_every == 0 and step + 1 < steps and acc.is_main_process:
             save_checkpoint(out_dir, step + 1, acc.unwrap_model(model), opt, sched, tcfg.keep_last)
+    for h in hooks:
+        h.remove()
     if log:
         log.close()
     if report_to:
