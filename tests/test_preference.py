@@ -59,6 +59,35 @@ def test_token_logps_match_the_model_loss(tiny_model, prefs):
     assert (lp[~mask] == 0).all()
 
 
+def test_tempered_token_logps_and_generation_without_image_tokens(tiny_model, prefs):
+    """PPO's log-probs at temperature T are those of softmax(logits / T); sampling never emits the image token."""
+    from tinyml_cli.data import Encoder
+    from tinyml_cli.preference import collator_for
+    m = tiny_model.eval()
+    enc = Encoder(m.tokenizer, m.num_image_tokens, 160)
+    pairs, _ = load_pairs(prefs / "pref_eval.jsonl", enc)
+    b = collator_for(m)(pairs[:2])
+    with torch.no_grad():
+        lp, mask = token_logps(m, b["input_ids"], b["attention_mask"], b["labels"], b["pixel_values"], temperature=2.0)
+        logits = m.logits_at(m.hidden_states(b["input_ids"], b["attention_mask"], b["pixel_values"])[:, :-1]).float()
+    want = torch.log_softmax(logits / 2.0, -1).gather(-1, b["labels"][:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(lp[mask], want[mask], atol=1e-5)
+    from tinyml_cli.data import Collator, ImageLoader
+
+    def favour_image_token(module, args, out):  # the placeholder becomes by far the likeliest next token
+        out[..., m.image_token_id] += 100.0
+        return out
+    gb = Collator(m.tokenizer.pad_token_id, ImageLoader(m.image_processor), left_pad=True)([p.prompt for p in pairs[:2]])
+    gb.pop("labels")
+    hook = m.llm.get_output_embeddings().register_forward_hook(favour_image_token)
+    try:
+        torch.manual_seed(0)
+        greedy, sampled = (m.generate(**gb, max_new_tokens=4, temperature=t) for t in (0.0, 2.0))
+    finally:
+        hook.remove()
+    assert not (greedy == m.image_token_id).any() and not (sampled == m.image_token_id).any()
+
+
 def _run(cli_args):
     from typer.testing import CliRunner
 

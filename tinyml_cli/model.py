@@ -303,10 +303,11 @@ class LMM(nn.Module):
         """New tokens for left-padded prompts (HF generate over our input embeddings)."""
         emb = self.embed(input_ids, pixel_values)
         tok = self.tokenizer
+        # The image placeholder is input only: a sampled one would be read as an image slot in the next forward.
         kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                  eos_token_id=tok.eos_token_id)
+                  eos_token_id=tok.eos_token_id, suppress_tokens=[self.image_token_id])
         if temperature > 0:
-            kw.update(temperature=temperature, top_p=top_p)
+            kw.update(temperature=temperature, top_p=top_p, top_k=0)  # no hidden top-k cut: PPO scores this distribution
         else:  # greedy: drop sampling defaults a checkpoint's generation_config may carry
             kw.update(temperature=None, top_p=None, top_k=None)
         from .prompt_learning import num_virtual_tokens, with_virtual_tokens

@@ -190,7 +190,9 @@ class OnnxLMM:
         for _ in range(max_new_tokens):
             logits, *present = decoder.run(None, {"inputs_embeds": emb.astype(self.float), "attention_mask": mask,
                                                   "position_ids": pos, **past})
-            nxt = self._pick(logits[:, -1].astype(np.float32), temperature, top_p, rng)
+            step = logits[:, -1].astype(np.float32)
+            step[:, self.image_token_id] = -np.inf  # input only, as in the PyTorch path
+            nxt = self._pick(step, temperature, top_p, rng)
             for i in np.flatnonzero(~done):
                 out[i].append(int(nxt[i]))
             done |= nxt == eos

@@ -5,6 +5,8 @@ per-token reward `score - kl_ctl * (logp - ref_logp)` -> GAE -> several minibatc
 loss plus the clipped value loss. Simplifications, said plainly: the critic is a value head on the policy's
 own backbone (one network, as in many small-scale PPO set-ups) rather than a separate model; the reference
 is a frozen copy of the starting model, or the policy with adapters disabled under a peft method.
+Rollouts are sampled at `ppo.temperature`, and every log-prob (old, new, reference) is of that tempered
+distribution, so the ratios and the KL are those of the policy that produced the samples.
 Rule scorer `exact_match`: 1 when the answer equals the record's `chosen` answer (shapes data), else 0.
 """
 
@@ -75,6 +77,8 @@ def run_ppo(cfg: RunConfig, out_dir: str | Path, progress=None) -> dict:
         raise UserError("data.train is not set (preference records; their prompts are the rollout prompts)")
     if cfg.train.optimizer_in_backward:  # ppo runs its own optimizer loop
         raise UserError("ppo does not support train.optimizer_in_backward")
+    if pc.temperature <= 0:
+        raise UserError(f"ppo.temperature must be > 0 (rollouts are sampled), got {pc.temperature}")
     model, enc = build_policy(cfg)
     critic = ScalarHead(model, init_std=0.0)  # values start at 0
     critic.head.requires_grad_(True)
@@ -107,11 +111,11 @@ def run_ppo(cfg: RunConfig, out_dir: str | Path, progress=None) -> dict:
         args = (b["input_ids"], b["attention_mask"], b["labels"], b.get("pixel_values"))
         with torch.no_grad():
             model.eval()
-            old_lp, mask, _, hidden = token_logps(model, *args, with_entropy=True)
+            old_lp, mask, _, hidden = token_logps(model, *args, with_entropy=True, temperature=pc.temperature)
             old_values = critic.head(hidden[:, :-1]).squeeze(-1).float()
             with ref_ctx():
                 ref.eval()
-                ref_lp, _ = token_logps(ref, *args)
+                ref_lp, _ = token_logps(ref, *args, temperature=pc.temperature)
             model.train()
             rewards = token_rewards(scores.to(old_lp.device), old_lp, ref_lp, mask, kl_ctl.value)
             adv, returns = gae(rewards, old_values, mask, pc.gamma, pc.lam)
@@ -121,7 +125,8 @@ def run_ppo(cfg: RunConfig, out_dir: str | Path, progress=None) -> dict:
             order = torch.randperm(len(examples)).tolist()
             for s in range(0, len(order), pc.minibatch):
                 i = torch.tensor(order[s:s + pc.minibatch], device=old_lp.device)
-                lp, _, ent, hid = token_logps(model, *(a[i] if a is not None else None for a in args), with_entropy=True)
+                lp, _, ent, hid = token_logps(model, *(a[i] if a is not None else None for a in args), with_entropy=True,
+                                              temperature=pc.temperature)
                 values = critic.head(hid[:, :-1]).squeeze(-1).float()
                 pg, frac = ppo_policy_loss(lp, old_lp[i], adv[i], mask[i], pc.clip)
                 vf = ppo_value_loss(values, old_values[i], returns[i], mask[i], pc.value_clip)
@@ -148,7 +153,10 @@ def run_ppo(cfg: RunConfig, out_dir: str | Path, progress=None) -> dict:
     log.close()
     model.save(out)
     save_file({k: v.detach().contiguous() for k, v in critic.head.state_dict().items()}, str(out / "value_head.safetensors"))
-    metrics = {"rollouts": pc.rollouts, "score_first": history[0]["score"], "score_last": history[-1]["score"],
+    # One rollout's mean score is noisy (a few dozen samples): the first and last quarter of the rollouts are averaged.
+    k = max(1, pc.rollouts // 4)
+    first, last = (sum(h["score"] for h in hs) / len(hs) for hs in (history[:k], history[-k:]))
+    metrics = {"rollouts": pc.rollouts, "score_first": first, "score_last": last, "score_window": k,
                "kl_last": history[-1]["kl"], "kl_max": max(h["kl"] for h in history),
                "clip_frac_last": history[-1]["clip_frac"], "vf_loss_last": history[-1]["vf_loss"],
                "entropy_last": history[-1]["entropy"], "kl_ctl_last": kl_ctl.value, "seconds": time.time() - t0}

@@ -121,16 +121,18 @@ class PreferenceCollator:
 
 
 # ------------------------------------------------------------------------------------------ model pieces
-def token_logps(model, input_ids, attention_mask, labels, pixel_values=None, with_entropy: bool = False):
+def token_logps(model, input_ids, attention_mask, labels, pixel_values=None, with_entropy: bool = False,
+                temperature: float = 1.0):
     """Log-prob of every labelled token under the model: (logps, mask[, entropy, hidden]), each (B, T-1).
 
-    Position t holds token t+1 (the next-token layout); logits are computed only where a label is.
+    Position t holds token t+1 (the next-token layout); logits are computed only where a label is. With a
+    temperature, the log-probs are those of the tempered distribution the tokens were sampled from (PPO).
     """
     from .losses import entropy_from_logits
     hidden = model.hidden_states(input_ids, attention_mask, pixel_values)
     y = labels[:, 1:]
     mask = y != -100
-    logits = model.logits_at(hidden[:, :-1][mask]).float()
+    logits = model.logits_at(hidden[:, :-1][mask]).float() / temperature
     logps = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
     logps[mask] = torch.log_softmax(logits, -1).gather(-1, y[mask].unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
