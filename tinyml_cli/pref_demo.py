@@ -19,7 +19,7 @@ from pathlib import Path
 from . import ui
 from .config import load_config
 
-N_PAIRS, N_PAIRS_EVAL, N_PROBE = 2000, 200, 400
+N_PAIRS, N_PAIRS_EVAL, N_PROBE = 8000, 200, 400
 
 
 def _pope_fp_rate(folder: Path, probe: str, cfg) -> float:
