@@ -537,6 +537,9 @@ def root(version: bool = typer.Option(False, "--version", callback=version_callb
 
 
 def main() -> None:
+    import logging
+    # bitsandbytes warns on every CPU import that an optional kernels package is missing; its fallback is used
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         rc = app(standalone_mode=False)  # click returns an Exit's code here instead of raising it
     except UserError as e:
