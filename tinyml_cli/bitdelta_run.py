@@ -158,8 +158,8 @@ def run_generate_deltas(base_dir: str | Path, delta_dirs: list, image: str | Non
 def bitdelta_demo_metrics(base_dir, finetuned_dir, eval_file, out_dir, progress=None) -> dict:
     """The demo's BitDelta figures: the fine-tuned run compressed against its base, default settings."""
     cfg = compress_config(None, [f"data.eval={eval_file}"], finetuned_dir)
-    m = run_compress(cfg, base_dir, finetuned_dir, out_dir, progress=progress, eval_finetuned=False)["metrics"]
-    return {"bitdelta_ratio": m["ratio"], "bitdelta_ratio_total": m["ratio_total"],
+    m = run_compress(cfg, base_dir, finetuned_dir, out_dir, progress=progress)["metrics"]
+    return {"vqa_accuracy_bitdelta_finetuned": m["vqa_accuracy_finetuned"], "bitdelta_ratio": m["ratio"], "bitdelta_ratio_total": m["ratio_total"],
             "bitdelta_kl_initial": m["kl_initial"], "bitdelta_kl_distilled": m["kl_distilled"],
             "vqa_accuracy_bitdelta_initial": m["vqa_accuracy_initial"],
             "vqa_accuracy_bitdelta": m["vqa_accuracy_distilled"]}

@@ -45,11 +45,13 @@ def _edge(out: Path, con, quick: bool):
 
 
 def _bitdelta(out: Path, con, quick: bool):
+    """BitDelta's use case: several fine-tunes kept over one base. Here the DPO run as a 1-bit delta over the sft
+    model it started from (align -> sft is the tiny LLM learning the task from scratch, not a fine-tune)."""
     from .bitdelta_run import bitdelta_demo_metrics
     shutil.rmtree(out / "bitdelta", ignore_errors=True)
     t = time.time()
     with ui.training_bar(con, "bitdelta scale distillation") as bar:
-        m = bitdelta_demo_metrics(out / "align", out / "sft", out / "shapes" / "eval.jsonl", out / "bitdelta", progress=bar)
+        m = bitdelta_demo_metrics(out / "sft", out / "dpo", out / "shapes" / "eval.jsonl", out / "bitdelta", progress=bar)
     return m, {"bitdelta": time.time() - t}, {"bitdelta": str(out / "bitdelta")}
 
 
