@@ -155,9 +155,10 @@ def run_generate_deltas(base_dir: str | Path, delta_dirs: list, image: str | Non
             "answer": answers[0]["answer"], "answers": answers}
 
 
-def bitdelta_demo_metrics(base_dir, finetuned_dir, eval_file, out_dir, progress=None) -> dict:
-    """The demo's BitDelta figures: the fine-tuned run compressed against its base, default settings."""
-    cfg = compress_config(None, [f"data.eval={eval_file}"], finetuned_dir)
+def bitdelta_demo_metrics(base_dir, finetuned_dir, train_file, eval_file, out_dir, progress=None) -> dict:
+    """The demo's BitDelta figures: the fine-tuned run compressed against its base, default settings, calibrated
+    on the conversations of train_file (the fine-tuned run's own data may be preference pairs)."""
+    cfg = compress_config(None, [f"data.train={train_file}", f"data.eval={eval_file}"], finetuned_dir)
     m = run_compress(cfg, base_dir, finetuned_dir, out_dir, progress=progress)["metrics"]
     return {"vqa_accuracy_bitdelta_finetuned": m["vqa_accuracy_finetuned"], "bitdelta_ratio": m["ratio"], "bitdelta_ratio_total": m["ratio_total"],
             "bitdelta_kl_initial": m["kl_initial"], "bitdelta_kl_distilled": m["kl_distilled"],

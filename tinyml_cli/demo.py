@@ -51,7 +51,8 @@ def _bitdelta(out: Path, con, quick: bool):
     shutil.rmtree(out / "bitdelta", ignore_errors=True)
     t = time.time()
     with ui.training_bar(con, "bitdelta scale distillation") as bar:
-        m = bitdelta_demo_metrics(out / "sft", out / "dpo", out / "shapes" / "eval.jsonl", out / "bitdelta", progress=bar)
+        m = bitdelta_demo_metrics(out / "sft", out / "dpo", out / "shapes" / "train.jsonl", out / "shapes" / "eval.jsonl",
+                                  out / "bitdelta", progress=bar)
     return m, {"bitdelta": time.time() - t}, {"bitdelta": str(out / "bitdelta")}
 
 
