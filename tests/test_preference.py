@@ -45,12 +45,16 @@ def test_pairs_encode_labels_on_the_response_only(tiny_model, prefs):
         assert text.strip() == p.meta["answer"]
 
 
-def test_token_logps_match_the_model_loss(tiny_model, prefs):
+def _eval_pairs(tiny_model, prefs):
+    """The tiny model in eval mode and its encoded held-out pairs."""
     from tinyml_cli.data import Encoder
-    from tinyml_cli.preference import collator_for
     m = tiny_model.eval()
-    enc = Encoder(m.tokenizer, m.num_image_tokens, 160)
-    pairs, _ = load_pairs(prefs / "pref_eval.jsonl", enc)
+    return m, load_pairs(prefs / "pref_eval.jsonl", Encoder(m.tokenizer, m.num_image_tokens, 160))[0]
+
+
+def test_token_logps_match_the_model_loss(tiny_model, prefs):
+    from tinyml_cli.preference import collator_for
+    m, pairs = _eval_pairs(tiny_model, prefs)
     b = collator_for(m)(pairs[:3])
     with torch.no_grad():
         lp, mask = token_logps(m, b["input_ids"], b["attention_mask"], b["labels"], b["pixel_values"])
@@ -61,11 +65,8 @@ def test_token_logps_match_the_model_loss(tiny_model, prefs):
 
 def test_tempered_token_logps_and_generation_without_image_tokens(tiny_model, prefs):
     """PPO's log-probs at temperature T are those of softmax(logits / T); sampling never emits the image token."""
-    from tinyml_cli.data import Encoder
     from tinyml_cli.preference import collator_for
-    m = tiny_model.eval()
-    enc = Encoder(m.tokenizer, m.num_image_tokens, 160)
-    pairs, _ = load_pairs(prefs / "pref_eval.jsonl", enc)
+    m, pairs = _eval_pairs(tiny_model, prefs)
     b = collator_for(m)(pairs[:2])
     with torch.no_grad():
         lp, mask = token_logps(m, b["input_ids"], b["attention_mask"], b["labels"], b["pixel_values"], temperature=2.0)
