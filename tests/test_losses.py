@@ -53,6 +53,16 @@ def test_dpo_equal_logps_is_log2_and_cdpo_ipo():
         dpo_loss(T([0.0]), T([0.0]), T([0.0]), T([0.0]), loss_type="hinge?")
 
 
+def test_rpo_adds_the_chosen_per_token_nll():
+    # DPO part as above (0.313262); chosen log-prob -1.0 over 2 tokens: NLL 0.5, weighted by alpha 2 -> +1.0
+    loss, rc, _ = dpo_loss(T([-1.0]), T([-3.0]), T([-2.0]), T([-2.0]), beta=0.5, rpo_alpha=2.0, chosen_tokens=T([2.0]))
+    assert loss.item() == pytest.approx(1.3132617, rel=1e-6) and rc.item() == pytest.approx(0.5)
+    # gradient on the chosen log-prob: DPO's -0.5 at h = 0 (beta 1) plus the NLL's -alpha / |y_w| = -1 / 4
+    pc, pr = T([-1.0], requires_grad=True), T([-1.0], requires_grad=True)
+    dpo_loss(pc, pr, T([-1.0]), T([-1.0]), beta=1.0, rpo_alpha=1.0, chosen_tokens=T([4.0]))[0].sum().backward()
+    assert pc.grad.item() == pytest.approx(-0.75) and pr.grad.item() == pytest.approx(0.5)
+
+
 def test_dpo_gradient_raises_chosen_lowers_rejected():
     pc, pr = T([-1.0], requires_grad=True), T([-1.0], requires_grad=True)
     dpo_loss(pc, pr, T([-1.0]), T([-1.0]), beta=1.0)[0].sum().backward()

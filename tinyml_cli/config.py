@@ -106,6 +106,7 @@ class PrefConfig:
     beta: float = _f(0.1, "dpo: strength of the pull towards the reference (higher: stay closer)")
     loss_type: str = _f("sigmoid", "dpo: sigmoid (DPO) | ipo (IPO)")
     label_smoothing: float = _f(0.0, "dpo: conservative DPO, the assumed share of flipped labels (0: plain DPO)")
+    rpo_alpha: float = _f(0.0, "dpo: weight of the chosen answer's per-token NLL added to the loss (RPO; 0: none)")
     precompute_ref: bool = _f(True, "dpo: reference log-probs once before training (no reference model in memory)")
     margin: float = _f(0.0, "reward: Bradley-Terry margin, -log sigmoid(r_chosen - r_rejected - margin)")
 

@@ -1,4 +1,4 @@
-"""dpo: direct preference optimisation of the policy on preference pairs (DPO, IPO or conservative DPO).
+"""dpo: direct preference optimisation of the policy on preference pairs (DPO, IPO, conservative DPO or RPO).
 
 The loss (see losses.dpo_loss) compares summed response log-probs of the policy with those of a frozen
 reference. By default the reference log-probs are computed once, before training, with the starting weights:
@@ -51,7 +51,7 @@ def dpo_step(pcfg, ref=None):
         ref_lp = batch["ref_logps"] if "ref_logps" in batch else ref(batch)
         n = pi.shape[0] // 2
         loss, rc, rr = dpo_loss(pi[:n], pi[n:], ref_lp[:n], ref_lp[n:], pcfg.beta, pcfg.loss_type,
-                                pcfg.label_smoothing)
+                                pcfg.label_smoothing, pcfg.rpo_alpha, mask[:n].sum(-1))
         return loss.mean(), n, {"rewards_chosen": rc.mean().item(), "rewards_rejected": rr.mean().item(),
                                 "rewards_margin": (rc - rr).mean().item(), "rewards_accuracy": (rc > rr).float().mean().item()}
     return step
@@ -75,8 +75,8 @@ def run_dpo(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress=
         raise UserError("data.train is not set (a preference JSONL: image, prompt, chosen, rejected)")
     if cfg.pref.loss_type not in ("sigmoid", "ipo"):
         raise UserError(f"pref.loss_type must be sigmoid or ipo, got '{cfg.pref.loss_type}'")
-    if cfg.pref.beta <= 0 or not 0 <= cfg.pref.label_smoothing < 0.5:
-        raise UserError("pref.beta must be > 0 and pref.label_smoothing in [0, 0.5)")
+    if cfg.pref.beta <= 0 or not 0 <= cfg.pref.label_smoothing < 0.5 or cfg.pref.rpo_alpha < 0:
+        raise UserError("pref.beta must be > 0, pref.label_smoothing in [0, 0.5) and pref.rpo_alpha >= 0")
     model, enc = build_policy(cfg)
     pairs, skipped = load_pairs(cfg.data.train, enc, cfg.data.on_error, cfg.data.columns)
     held_out = load_pairs(cfg.data.eval, enc, cfg.data.on_error, cfg.data.columns)[0] if cfg.data.eval else []

@@ -40,12 +40,14 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin:
 
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0):
+             label_smoothing: float = 0.0, rpo_alpha: float = 0.0, chosen_tokens=None):
     """DPO family on summed response log-probs; returns (loss per pair, chosen rewards, rejected rewards).
 
     h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))
       sigmoid: -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)   (eps > 0: conservative DPO)
       ipo:     (h - 1 / (2 beta))^2
+    rpo_alpha > 0 adds alpha * (-log pi(y_w) / |y_w|), the chosen answer's per-token NLL (RPO, Pang et al.
+    2024): plain DPO may lower the chosen likelihood too, as long as the rejected one falls faster.
     The rewards are the implicit ones, beta * (log pi - log ref).
     """
     chosen_ratio, rejected_ratio = pi_chosen - ref_chosen, pi_rejected - ref_rejected
@@ -56,6 +58,8 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float = 0.1
         loss = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"unknown DPO loss type {loss_type!r} (sigmoid or ipo)")
+    if rpo_alpha:
+        loss = loss - rpo_alpha * pi_chosen / chosen_tokens
     return loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
