@@ -117,8 +117,9 @@ def test_reward_train_and_score(tiny, prefs, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["pref.loss_type=ipo"], ["peft.method=lora", "pref.precompute_ref=false"]],
-                         ids=["dpo", "ipo", "lora-live-reference"])
+@pytest.mark.parametrize("extra", [[], ["pref.loss_type=ipo"], ["pref.rpo_alpha=1.0"],
+                                   ["peft.method=lora", "pref.precompute_ref=false"]],
+                         ids=["dpo", "ipo", "rpo", "lora-live-reference"])
 def test_dpo(tiny, prefs, tmp_path, extra):
     r = _run(["dpo", *_sets(tiny, prefs, "train.lr=1e-3", *extra), "-o", str(tmp_path / "dpo"), "--json"])
     m = r["metrics"]
@@ -126,6 +127,8 @@ def test_dpo(tiny, prefs, tmp_path, extra):
     if not extra:  # the first step starts at the reference: DPO loss log 2
         first = json.loads((tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
         assert first["loss"] == pytest.approx(0.6931, abs=1e-3)
+    if extra == ["pref.rpo_alpha=1.0"]:  # log 2 plus the untrained model's NLL of the chosen answers
+        assert json.loads((tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()[0])["loss"] > 0.6931 + 0.1
     assert (tmp_path / "dpo" / "tinyml_model.json").is_file()
 
 
