@@ -505,14 +505,14 @@ def ppo(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
 
 @data_app.command("synth-preferences")
 def synth_preferences(output_dir: Path = typer.Argument(..., help="Folder for images/, pref_train.jsonl, pref_eval.jsonl, pope_probe.jsonl."),
-                      n: int = typer.Option(8000, "--n", help="Training pairs (one scene each)."),
-                      n_eval: int = typer.Option(200, "--n-eval", help="Held-out pairs."),
-                      n_probe: int = typer.Option(400, "--n-probe", help="Held-out POPE probe questions (three-object scenes)."),
+                      n: int = typer.Option(24000, "--n", help="Training pairs (one scene each)."),
+                      n_eval: int = typer.Option(1000, "--n-eval", help="Held-out pairs."),
+                      n_probe: int = typer.Option(1000, "--n-probe", help="Held-out POPE probe questions (three-object scenes)."),
                       seed: int = typer.Option(1, help="Random seed (differs from synth-shapes' default)."),
                       json_mode: bool = JsonOpt):
     """Hallucination preference pairs on new shapes scenes: the rejected answer swaps in a wrong colour, shape, count, side or an absent object.
 
-    Example: tinyml data synth-preferences runs/prefs --n 8000
+    Example: tinyml data synth-preferences runs/prefs --n 24000
     """
     from . import ui
     from .synth import synth_preferences as synth

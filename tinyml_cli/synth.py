@@ -199,7 +199,7 @@ def _pref_record(i: int, name: str, objs: list[Obj], kind: str, rng: random.Rand
             "chosen": [{"role": "assistant", "content": good}], "rejected": [{"role": "assistant", "content": bad}]}
 
 
-def synth_preferences(out: str | Path, n: int = 8000, n_eval: int = 200, n_probe: int = 400, seed: int = 1) -> dict:
+def synth_preferences(out: str | Path, n: int = 24000, n_eval: int = 1000, n_probe: int = 1000, seed: int = 1) -> dict:
     """Write images/, pref_train.jsonl, pref_eval.jsonl (TRL-style `prompt` / `chosen` / `rejected`) and pope_probe.jsonl.
 
     Each scene gives one pair of a random type. pope_probe.jsonl is a harder, held-out POPE split in the eval
