@@ -310,6 +310,20 @@ def arguments(doc: str):
     return p
 
 
+def start(doc: str, sides: dict):
+    """Parse the options; in a worker process run its one measurement and print it (returns None), else return them."""
+    a = arguments(doc).parse_args()
+    if a.side:
+        print(json.dumps(worker(a, sides)))
+        return None
+    return a
+
+
+def reporter(a):
+    """say(...): progress lines on stderr, silent under --json."""
+    return (lambda *x: None) if a.json else (lambda *x: print(*x, file=sys.stderr))
+
+
 def worker(a, sides: dict) -> dict:
     """One side, one method, one measurement (speed, or memory under the tensor tracker), in this process.
 
@@ -343,11 +357,12 @@ def worker(a, sides: dict) -> dict:
     return out
 
 
-def compare(script: str, a, say) -> dict:
+def compare(script: str, a) -> dict:
     """Per method: speed runs (tinyml and TRL alternating who goes first), then one memory run per side.
 
     Returns {method: {"tinyml": ..., "trl": ..., "ratios": ...}}, medians over the repeats, each run kept in `runs`.
     """
+    say = reporter(a)
     shared = ["--work", a.work, "--batch-size", str(a.batch_size), "--max-length", str(a.max_length),
               "--lr", str(a.lr), "--warmup", str(a.warmup), "--threads", str(a.threads), "--in-backward", a.in_backward]
     methods = {}

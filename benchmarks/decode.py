@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -111,7 +110,7 @@ def main() -> None:
     info = common.build(work) if not (a.model and a.data) else {}
     model, data = str(Path(a.model or info["tinyml"]).resolve()), a.data or info["train"]
     sizes = exports(model, work)
-    say = (lambda *x: None) if a.json else (lambda *x: print(*x, file=sys.stderr))
+    say = common.reporter(a)
     shared = ["--work", a.work, "--model", model, "--data", data, "--prompts", str(a.prompts),
               "--new-tokens", str(a.new_tokens), "--threads", str(a.threads)]
     runs = {s: [] for s in SIDES}

@@ -20,7 +20,6 @@ pass: each trained token also pays the reference pass's seconds per token, measu
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -91,16 +90,14 @@ def with_reference(run: dict) -> float:
 
 
 def main() -> None:
-    a = common.arguments(__doc__).parse_args()
-    if a.side:
-        print(json.dumps(common.worker(a, {"tinyml": tinyml_side, "trl": trl_side})))
+    a = common.start(__doc__, {"tinyml": tinyml_side, "trl": trl_side})
+    if a is None:
         return
     import torch
     import trl
     info = common.build(Path(a.work))
     common.preferences(Path(a.work))
-    say = (lambda *x: None) if a.json else (lambda *x: print(*x, file=sys.stderr))
-    methods = common.compare(__file__, a, say)
+    methods = common.compare(__file__, a)
     for m in methods.values():  # the headline figure charges tinyml's reference pass (see the docstring)
         t = m["tinyml"]
         t["tokens_per_s_loop"], t["tokens_per_s_loop_runs"] = t["tokens_per_s"], t["tokens_per_s_runs"]

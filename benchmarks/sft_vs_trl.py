@@ -16,7 +16,6 @@ On a CUDA machine the same script runs both sides on the GPU, fp32, peak memory 
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -69,15 +68,13 @@ def trl_side(info: dict, a) -> tuple:
 
 
 def main() -> None:
-    a = common.arguments(__doc__).parse_args()
-    if a.side:
-        print(json.dumps(common.worker(a, {"tinyml": tinyml_side, "trl": trl_side})))
+    a = common.start(__doc__, {"tinyml": tinyml_side, "trl": trl_side})
+    if a is None:
         return
     import torch
     import trl
     info = common.build(Path(a.work))
-    say = (lambda *x: None) if a.json else (lambda *x: print(*x, file=sys.stderr))
-    methods = common.compare(__file__, a, say)
+    methods = common.compare(__file__, a)
     out = {"benchmark": "sft_vs_trl", "device": "cuda" if torch.cuda.is_available() else "cpu",
            "trl_version": trl.__version__, "model": {k: v for k, v in info.items() if k != "train"},
            "setting": {"batch_size": a.batch_size, "max_length": a.max_length, "steps": a.steps,
