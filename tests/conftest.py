@@ -39,6 +39,23 @@ def tiny_cfg(tiny, shapes):
 
 
 @pytest.fixture(scope="session")
+def sft_crashing_at():
+    """run(cfg, out_dir, step): an sft run into out_dir that dies (an exception from its progress callback) at `step`."""
+    from tinyml_cli.sft import run_sft
+
+    class Crash(Exception):
+        pass
+
+    def run(cfg, out_dir, step):
+        def progress(s, total, loss, tps):
+            if s == step:
+                raise Crash()
+        with pytest.raises(Crash):
+            run_sft(cfg, out_dir, "sft", progress=progress)
+    return run
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_cfg):
     from tinyml_cli.model import build_model
     import torch

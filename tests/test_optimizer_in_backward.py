@@ -33,18 +33,10 @@ def test_weights_and_losses_match_the_ordinary_optimizer(tiny_cfg, tmp_path):
         assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5) for k in a), f
 
 
-def test_resume_from_a_checkpoint_gives_identical_weights(tiny_cfg, tmp_path):
+def test_resume_from_a_checkpoint_gives_identical_weights(tiny_cfg, sft_crashing_at, tmp_path):
     cfg = tiny_cfg(*FULL, "train.optimizer_in_backward=true", "train.save_every=2")
     run_sft(cfg, tmp_path / "full", "sft")
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_3(step, total, loss, tps):
-        if step == 3:
-            raise Crash()
-    with pytest.raises(Crash):
-        run_sft(cfg, tmp_path / "resumed", "sft", progress=crash_at_3)
+    sft_crashing_at(cfg, tmp_path / "resumed", 3)
     state = torch.load(tmp_path / "resumed" / "checkpoints" / "step-00000002" / "state.pt", weights_only=True)
     assert state["optimizer"]["state"], "the AdamW moments are in the checkpoint"
     r = run_sft(cfg, tmp_path / "resumed", "sft", resume=True)

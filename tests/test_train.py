@@ -55,18 +55,10 @@ def test_loss_goes_down(tiny_cfg, tmp_path):
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
 
 
-def test_resume_after_crash_gives_identical_weights(tiny_cfg, tmp_path):
+def test_resume_after_crash_gives_identical_weights(tiny_cfg, sft_crashing_at, tmp_path):
     cfg = tiny_cfg("train.parts=connector,llm", "train.lr=3e-3", "train.max_steps=6", "train.save_every=3")
     run_sft(cfg, tmp_path / "full", "sft")
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_5(step, total, loss, tps):
-        if step == 5:
-            raise Crash()
-    with pytest.raises(Crash):
-        run_sft(cfg, tmp_path / "resumed", "sft", progress=crash_at_5)
+    sft_crashing_at(cfg, tmp_path / "resumed", 5)
     assert (tmp_path / "resumed" / "checkpoints" / "step-00000003" / "meta.json").is_file()
     r = run_sft(cfg, tmp_path / "resumed", "sft", resume=True)
     assert r["metrics"]["resumed_from"] == 3
