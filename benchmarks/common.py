@@ -8,8 +8,8 @@ Meters, the same on both sides:
 - tokens: non-pad tokens (attention-mask sum) entering the top-level model's training forwards (those that
   build a graph; a reference model's no-grad pass is not counted), counted by a hook;
 - time: wall clock between optimizer steps, after warm-up steps;
-- peak memory: the largest total size of live tensor storages, tracked by a TorchDispatchMode over every
-  tensor an op reads or writes (weights, gradients, optimizer state, activations, batches), in its own run,
+- peak memory: the largest total size of live tensor storages, tracked by the package's `PeakTensorMemory`
+  over every tensor an op reads or writes (weights, gradients, optimizer state, activations, batches), in its own run,
   since tracking slows each op. Peak RSS of each side's process (VmHWM) is reported beside it.
 """
 
@@ -22,7 +22,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import weakref
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,7 +29,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from tinyml_cli.core.memory import PeakTensorMemory  # noqa: E402  (the package's meter)
 
 VOCAB = 32000
 LLM = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=6,
@@ -60,11 +60,18 @@ def build(work: Path) -> dict:
     done = work / "built.json"
     if done.is_file():
         return json.loads(done.read_text())
-    from transformers import (LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
-                              SiglipImageProcessor, SiglipVisionConfig)
+    from transformers import (
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+    )
 
-    from tinyml_cli import synth, tiny
-    from tinyml_cli.model import LMM, MLPConnector
+    from tinyml_cli.core.connectors import MLPConnector
+    from tinyml_cli.core.model import LMM
+    from tinyml_cli.demo import synth, tiny
 
     work.mkdir(parents=True, exist_ok=True)
     data = synth.synth_shapes(work / "shapes", n=400, n_eval=0, seed=0)
@@ -163,39 +170,6 @@ class StepClock:
         return (n1 - n0) / (t1 - t0)
 
 
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak total bytes of distinct live tensor storages that any op read or wrote while the mode was on."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.current, self.peak = {}, 0, 0
-
-    def _see(self, t):
-        if not isinstance(t, torch.Tensor) or t.is_meta:
-            return
-        try:
-            s = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            return
-        key = id(s)
-        if key in self.live:
-            return
-        n = s.nbytes()
-        self.live[key] = n
-        self.current += n
-        self.peak = max(self.peak, self.current)
-        weakref.finalize(s, self._gone, key)
-
-    def _gone(self, key):
-        self.current -= self.live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for x in torch.utils._pytree.tree_leaves((args, kwargs, out)):
-            self._see(x)
-        return out
-
-
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process since it started (Linux: VmHWM).
 
@@ -214,7 +188,7 @@ def preferences(work: Path) -> str:
     """400 synthetic preference pairs on shapes images (`tinyml data synth-preferences`), written once."""
     out = work / "pref"
     if not (out / "pref_train.jsonl").is_file():
-        from tinyml_cli import synth
+        from tinyml_cli.demo import synth
         synth.synth_preferences(out, n=400, n_eval=0, n_probe=0, seed=1)
     return str(out / "pref_train.jsonl")
 
@@ -333,7 +307,7 @@ def worker(a, sides: dict) -> dict:
     cuda = torch.cuda.is_available()
     if not cuda:
         torch.set_num_threads(a.threads)
-    mode = LiveTensorBytes() if a.memory and not cuda else None
+    mode = PeakTensorMemory(inputs=True) if a.memory and not cuda else None
     if mode:
         mode.__enter__()
     clock, go = sides[a.side](info, a)

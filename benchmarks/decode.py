@@ -33,9 +33,9 @@ def exports(model_dir: str, work: Path) -> dict:
     """The fp32 ONNX export of a tinyml model folder and its int4 copy, under `work`, made once per model."""
     import shutil
 
-    from tinyml_cli.export import export_onnx
-    from tinyml_cli.onnx_runner import META, onnx_sizes
-    from tinyml_cli.quantize import quantize_onnx
+    from tinyml_cli.core.export import export_onnx
+    from tinyml_cli.edge.int4 import quantize_onnx
+    from tinyml_cli.edge.runner import META, onnx_sizes
     fp32, int4 = work / "onnx-fp32", work / "onnx-int4"
     if not (fp32 / META).is_file() or json.loads((fp32 / META).read_text())["source"] != model_dir:
         shutil.rmtree(fp32, ignore_errors=True)
@@ -51,8 +51,8 @@ def side_generate(a):
     if a.side == "eager":
         import torch
 
-        from tinyml_cli.data import Collator, ImageLoader
-        from tinyml_cli.model import load_model
+        from tinyml_cli.core.batching import Collator, ImageLoader
+        from tinyml_cli.core.model import load_model
         torch.set_num_threads(a.threads)
         model = load_model(a.model, dtype=torch.float32).eval()
         collate = Collator(model.tokenizer.pad_token_id, ImageLoader(model.image_processor), left_pad=True)
@@ -62,16 +62,18 @@ def side_generate(a):
             batch.pop("labels")
             return model.generate(**batch, max_new_tokens=a.new_tokens)[0].tolist()
         return generate, model
-    from tinyml_cli.onnx_runner import OnnxLMM
+    from tinyml_cli.edge.runner import OnnxLMM
     runner = OnnxLMM(Path(a.work) / ("onnx-fp32" if a.side == "fp32_onnx" else "onnx-int4"), threads=a.threads)
     return (lambda e: runner.generate([e.input_ids], [e.images], a.new_tokens)[0]), runner
 
 
 def worker(a) -> dict:
     from tinyml_cli.config import load_config
-    from tinyml_cli.evaluate import eval_examples
+    from tinyml_cli.records.conversations import eval_examples
+    from tinyml_cli.records.encoder import encoder_for
     generate, model = side_generate(a)
-    examples = eval_examples(model, a.data, load_config(None))[:a.prompts + 1]
+    cfg = load_config(None)
+    examples = eval_examples(a.data, encoder_for(model, cfg.data), cfg.data)[:a.prompts + 1]
     generate(examples[0])  # warm-up: first-call allocations and kernel choices
     tokens, seconds, outputs = 0, 0.0, []
     for e in examples[1:]:

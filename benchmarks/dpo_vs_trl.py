@@ -29,8 +29,8 @@ import common
 
 def tinyml_side(info: dict, a) -> tuple:
     """tinyml's own `dpo` path (run_dpo: build, encode, reference pass, train loop), with meters around it."""
-    import tinyml_cli.dpo as dpo
-    import tinyml_cli.preference as preference
+    import tinyml_cli.core.logprobs as preference
+    import tinyml_cli.stages.dpo as dpo
     from tinyml_cli.config import load_config
     counter = common.TokenCounter()  # counted in the step function: run_dpo builds the model itself
     clock = common.StepClock(counter)

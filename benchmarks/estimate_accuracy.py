@@ -3,7 +3,7 @@
 Two small models, made here offline: the tiny default (`build_tiny`, a few pretraining steps: the weights'
 values do not change memory) and a larger random-weight Llama (GQA, 4 layers, width 256, vocabulary 2048) with
 a 64-patch SigLIP tower. Each configuration runs two real training steps of tinyml's model through
-`tinyml_cli.estimate.measure` (CPU: live tensor storage tracked by a dispatch mode; CUDA:
+`tinyml_cli.core.estimate.measure` (CPU: live tensor storage tracked by a dispatch mode; CUDA:
 torch.cuda.max_memory_allocated) and is compared with the estimate's tensor peak for the same device.
 
     python benchmarks/estimate_accuracy.py            # a table; --json: one JSON object with `rows`
@@ -34,11 +34,16 @@ GRID = {"tiny": ([("full", "adamw"), ("freeze", "adamw"), ("lora", "adamw")], [(
 
 
 def make_models(root: Path) -> dict:
-    from transformers import (LlamaConfig, LlamaForCausalLM, SiglipImageProcessor, SiglipVisionConfig,
-                              SiglipVisionModel)
-
-    from tinyml_cli.tiny import build_tiny
     import torch
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
+
+    from tinyml_cli.demo.tiny import build_tiny
     build_tiny(root / "tiny", llm_steps=1, vision_steps=1, n_scenes=300)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(root / "tiny" / "llm")
@@ -66,7 +71,7 @@ def main() -> None:
 
     from tinyml_cli import ui
     from tinyml_cli.config import load_config
-    from tinyml_cli.estimate import Setting, estimate, measure
+    from tinyml_cli.core.estimate import Setting, estimate, measure
     ui.quiet_libraries()
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":

@@ -74,10 +74,12 @@ class TensorMemory(TorchDispatchMode):
 
 def peak_training_memory(cfg, out: Path, steps: int = 3) -> int:
     """Peak tensor bytes of a few sft steps of this recipe (model loaded first, then measured)."""
-    from tinyml_cli.data import Collator, Encoder, ImageLoader, load_examples
-    from tinyml_cli.model import build_model
-    from tinyml_cli.sft import configure_trainable, quantization_config, sft_step
-    from tinyml_cli.train import train
+    from tinyml_cli.core.batching import Collator, ImageLoader
+    from tinyml_cli.core.loop import ExampleBatches, sft_step, train
+    from tinyml_cli.core.model import build_model
+    from tinyml_cli.core.trainable import configure_trainable, quantization_config
+    from tinyml_cli.records.conversations import load_examples
+    from tinyml_cli.records.encoder import Encoder
 
     cfg.train.max_steps = steps
     torch.manual_seed(cfg.train.seed)
@@ -89,7 +91,7 @@ def peak_training_memory(cfg, out: Path, steps: int = 3) -> int:
     collate(examples[:1])  # warm the image processor outside the measurement
     out.mkdir(parents=True, exist_ok=True)
     with TensorMemory(itertools.chain(model.parameters(), model.buffers())) as mem:
-        train(model, examples, collate, sft_step, cfg.train, out)
+        train(model, ExampleBatches(examples, collate), sft_step, cfg.train, out)
     return mem.peak
 
 
@@ -113,11 +115,11 @@ def main() -> None:
 
     from tinyml_cli import ui
     from tinyml_cli.config import load_config
-    from tinyml_cli.evaluate import evaluate_model
-    from tinyml_cli.model import load_model
-    from tinyml_cli.sft import run_sft
-    from tinyml_cli.synth import synth_shapes
-    from tinyml_cli.tiny import build_tiny
+    from tinyml_cli.core.generation import evaluate_model
+    from tinyml_cli.core.model import load_model
+    from tinyml_cli.demo.synth import synth_shapes
+    from tinyml_cli.demo.tiny import build_tiny
+    from tinyml_cli.stages.sft import run_sft
 
     ui.quiet_libraries()
     con = ui.console(args.json)

@@ -26,7 +26,7 @@ ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user"
 
 def tinyml_side(info: dict, a) -> tuple:
     """tinyml's own `sft` path (run_sft: build, encode, train loop), with meters around it."""
-    import tinyml_cli.sft as sft
+    import tinyml_cli.stages.sft as sft
     from tinyml_cli.config import load_config
     counter = common.TokenCounter()  # counted in the step function: run_sft builds the model itself
     step = sft.sft_step

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """The tiny default built by the real builder with a few pretraining steps; returns its folder."""
-    from tinyml_cli.tiny import build_tiny
+    from tinyml_cli.demo.tiny import build_tiny
     out = tmp_path_factory.mktemp("tiny")
     build_tiny(out, llm_steps=3, vision_steps=3, n_scenes=300)
     return out
@@ -20,9 +20,18 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shapes(tmp_path_factory):
-    from tinyml_cli.synth import synth_shapes
+    from tinyml_cli.demo.synth import synth_shapes
     out = tmp_path_factory.mktemp("shapes")
     synth_shapes(out, n=48, n_eval=6, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prefs(tmp_path_factory):
+    """A small preference data set (hallucination pairs) with its held-out pairs and POPE probe."""
+    from tinyml_cli.demo.synth import synth_preferences
+    out = tmp_path_factory.mktemp("prefs")
+    synth_preferences(out, n=24, n_eval=8, n_probe=6, seed=3)
     return out
 
 
@@ -41,7 +50,7 @@ def tiny_cfg(tiny, shapes):
 @pytest.fixture(scope="session")
 def sft_crashing_at():
     """run(cfg, out_dir, step): an sft run into out_dir that dies (an exception from its progress callback) at `step`."""
-    from tinyml_cli.sft import run_sft
+    from tinyml_cli.stages.sft import run_sft
 
     class Crash(Exception):
         pass
@@ -57,7 +66,8 @@ def sft_crashing_at():
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_cfg):
-    from tinyml_cli.model import build_model
     import torch
+
+    from tinyml_cli.core.model import build_model
     torch.manual_seed(0)
     return build_model(tiny_cfg().model)

@@ -1,9 +1,11 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tinyml_cli import UserError
-from tinyml_cli.config import all_keys, load_config, save_config, config_from_dict
+from tinyml_cli.config import all_keys, config_from_dict, load_config, save_config
 
 RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
 
@@ -79,9 +81,46 @@ ACCELERATE = sorted(Path(__file__).parent.parent.joinpath("recipes", "accelerate
 @pytest.mark.parametrize("path", ACCELERATE, ids=[p.name for p in ACCELERATE])
 def test_accelerate_configs_parse(path):
     """The shipped accelerate configs are valid for accelerate's own config class."""
-    import yaml
     from accelerate.commands.config.config_args import ClusterConfig
     text = path.read_text()
     assert text.startswith("# ") and "accelerate launch --config_file" in text
     cfg = ClusterConfig.from_yaml_file(str(path))
     assert cfg.num_processes == 2
+
+
+@pytest.mark.parametrize("sets, says", [
+    (["train.scheduler=cosin"], "did you mean cosine?): choose cosine, linear, constant"),
+    (["peft.method=lorra"], "did you mean lora?"),
+    (["train.parts=[connector,lmm]"], "did you mean llm?"),
+    (["train.optimizer_in_backward=true", "train.grad_accum=4"], "needs train.grad_accum=1"),
+    (["pref.beta=0"], "pref.beta must be > 0"),
+    (["peft.method=ia3", "peft.parts=[llm,vision]"], "applies to the LLM only"),
+])
+def test_bad_choices_fail_when_the_recipe_loads_before_any_model(sets, says):
+    """Typed choices and rules that tie keys together are checked by load_config itself: torch (and so any
+    model) is never imported, and the error lists what is valid."""
+    code = ("import sys; from tinyml_cli import UserError; from tinyml_cli.config import load_config\n"
+            f"try: load_config('tiny_sft', {sets!r})\n"
+            "except UserError as e: print(e); sys.exit(3 if 'torch' in sys.modules else 0)\n"
+            "sys.exit(1)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert says in r.stdout
+
+
+def test_bad_choice_on_the_command_line_is_one_line_and_leaves_nothing(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tinyml_cli", "sft", "-c", "tiny_sft", "--set", "train.scheduler=cosin",
+                        "-o", str(tmp_path / "run")], capture_output=True, text=True)
+    assert r.returncode == 2 and "cosine" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipes_keys_lists_the_valid_values_of_every_choice():
+    from tinyml_cli.config import all_keys, choices
+    keys = all_keys()
+    assert choices("train.scheduler") == ("cosine", "linear", "constant")
+    assert keys["train.scheduler"].endswith("[cosine | linear | constant]")
+    assert choices("peft.parts") == ("connector", "llm", "vision")
+    typed = [k for k in keys if choices(k)]
+    assert {"model.connector", "model.dtype", "data.on_error", "train.optimizer", "train.mixed_precision",
+            "peft.method", "peft.quant_type", "pref.loss_type", "train.report_to"} <= set(typed)

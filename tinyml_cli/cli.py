@@ -1,4 +1,4 @@
-"""The `tinyml` command line: each command loads its config, calls the core, and prints the summary.
+"""The `tinyml` command line: one thin function per command: parse, call the stage, print the result.
 
 Exit codes: 0 success, 2 user error (bad flag, recipe, data or path: one line, no traceback), 1 internal
 error (set TINYML_DEBUG=1 for the traceback). Heavy libraries are imported inside the commands so that
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -21,11 +21,21 @@ app = typer.Typer(help="Post-train small multimodal LLMs (LLaVA / TinyLLaVA styl
                   context_settings={"help_option_names": ["-h", "--help"]})
 data_app = typer.Typer(help="Make and inspect data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+bitdelta_app = typer.Typer(help="BitDelta: a fine-tuned model as 1-bit weight deltas over its base.", no_args_is_help=True)
+app.add_typer(bitdelta_app, name="bitdelta")
+recipes_app = typer.Typer(help="The recipes shipped with tinyml.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+reward_app = typer.Typer()  # help: the docstring of its callback below
+app.add_typer(reward_app, name="reward")
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML recipe: a file, or the name of a shipped recipe (tiny_sft).")
-SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe key: --set train.max_steps=100 (repeatable).")
-OnnxOpt = typer.Option(None, "--onnx", help="Run a `tinyml export` ONNX folder with onnxruntime alone (no torch).")
-JsonOpt = typer.Option(False, "--json", help="Print exactly one JSON object on stdout at the end (for scripts and CI).")
+# The option blocks commands share, declared once.
+Config = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML recipe: a file, or the name of a shipped recipe (tiny_sft).")]
+Sets = Annotated[Optional[List[str]], typer.Option("--set", "-s", help="Override a recipe key: --set section.key=value (repeatable).")]
+Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout at the end (for scripts and CI).")]
+Onnx = Annotated[Optional[Path], typer.Option("--onnx", help="Run a `tinyml export` ONNX folder with onnxruntime alone (no torch).")]
+RunDir = Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Run folder (default runs/COMMAND).")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in the output folder.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output in the output folder.")]
 
 
 def _config(config, sets, defaults=None):
@@ -33,89 +43,136 @@ def _config(config, sets, defaults=None):
     return load_config(config, sets or [], defaults)
 
 
-def _prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
-    """Never silently mix or overwrite runs: an existing run needs --resume or --overwrite."""
-    import shutil
-    if out.exists() and (out / "config.yaml").exists() and not resume:
-        if not overwrite:
-            raise UserError(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
-        shutil.rmtree(out)
-
-
-def _train_command(command: str, config, sets, output_dir, json_mode, resume, overwrite, defaults):
+def _train(command: str, run, config, sets, output_dir, json_mode, resume, overwrite, defaults) -> None:
+    """Every training command: recipe, output folder, then the stage; with several processes, rank 0 shows
+    progress and prints the result while the others train silently."""
     from . import ui
-    from .sft import run_sft
+    from .stages.outputs import prepare_output
     ui.quiet_libraries()
     cfg = _config(config, sets, defaults)
-    out = Path(output_dir or f"runs/{command}")
-    _prepare_output(out, resume, overwrite)
-    con = ui.console(json_mode)
-    from .train import process_state
-    state = process_state()
-    try:
+    out = prepare_output(output_dir or f"runs/{command}", resume, overwrite)
+    from .core.loop import processes
+    with processes() as state:
         if state.is_main_process:
-            with ui.training_bar(con, command) as bar:
-                result = run_sft(cfg, out, command, resume=resume, progress=bar)
+            with ui.training_bar(ui.console(json_mode), command) as bar:
+                result = run(cfg, out, resume=resume, progress=bar)
             ui.emit(result, json_mode)
-        else:  # other processes of a multi-process run train silently
-            run_sft(cfg, out, command, resume=resume)
-    finally:
-        # A gloo / NCCL group left alive at interpreter exit can abort the process ("terminate called...").
-        state.destroy_process_group()
+        else:
+            run(cfg, out, resume=resume)
+
+
+def _sft(command):
+    def run(cfg, out, resume=False, progress=None):
+        from .stages.sft import run_sft
+        return run_sft(cfg, out, command, resume=resume, progress=progress)
+    return run
+
+
+def _dpo(cfg, out, resume=False, progress=None):
+    from .stages.dpo import run_dpo
+    return run_dpo(cfg, out, resume=resume, progress=progress)
+
+
+def _ppo(cfg, out, resume=False, progress=None):
+    from .stages.ppo import run_ppo
+    return run_ppo(cfg, out, resume=resume, progress=progress)
+
+
+def _reward(cfg, out, resume=False, progress=None):
+    from .stages.reward import run_reward
+    return run_reward(cfg, out, resume=resume, progress=progress)
+
+
+PREF_DEFAULTS = {"train.parts": ["connector", "llm"]}
 
 
 @app.command("pretrain-align")
-def pretrain_align(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
-                   output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run folder (default runs/pretrain-align)."),
-                   json_mode: bool = JsonOpt,
-                   resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the output folder."),
-                   overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in the output folder.")):
+def pretrain_align(config: Config = None, set_: Sets = None, output_dir: RunDir = None, json_mode: Json = False,
+                   resume: Resume = False, overwrite: Overwrite = False):
     """Stage 1: train only the connector on image captions (vision encoder and LLM frozen).
 
     Example: tinyml pretrain-align -c tiny_align -o runs/align
     """
-    _train_command("pretrain-align", config, set_, output_dir, json_mode, resume, overwrite,
-                   {"train.parts": ["connector"], "peft.method": "freeze"})
+    _train("pretrain-align", _sft("pretrain-align"), config, set_, output_dir, json_mode, resume, overwrite,
+           {"train.parts": ["connector"], "peft.method": "freeze"})
 
 
 @app.command()
-def sft(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
-        output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run folder (default runs/sft)."),
-        json_mode: bool = JsonOpt,
-        resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the output folder."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in the output folder.")):
-    """Stage 2: supervised fine-tuning on conversations, loss on assistant tokens only (full, freeze, LoRA or QLoRA).
+def sft(config: Config = None, set_: Sets = None, output_dir: RunDir = None, json_mode: Json = False,
+        resume: Resume = False, overwrite: Overwrite = False):
+    """Stage 2: supervised fine-tuning on conversations, loss on assistant tokens only (full, freeze or a peft method: see peft.method in `tinyml recipes keys`).
 
     Example: tinyml sft -c tiny_sft -o runs/sft --set train.max_steps=500
     """
-    _train_command("sft", config, set_, output_dir, json_mode, resume, overwrite,
-                   {"train.parts": ["connector", "llm"], "train.lr": 2e-5})
+    _train("sft", _sft("sft"), config, set_, output_dir, json_mode, resume, overwrite,
+           {"train.parts": ["connector", "llm"], "train.lr": 2e-5})
+
+
+@reward_app.callback(invoke_without_command=True)
+def reward(ctx: typer.Context, config: Config = None, set_: Sets = None, output_dir: RunDir = None,
+           json_mode: Json = False, resume: Resume = False, overwrite: Overwrite = False):
+    """Reward model: the LMM with a scalar head on the last response token, Bradley-Terry loss on chosen / rejected.
+
+    Example: tinyml reward -c tiny_reward -o runs/reward
+    """
+    if ctx.invoked_subcommand is None:
+        _train("reward", _reward, config, set_, output_dir, json_mode, resume, overwrite, PREF_DEFAULTS)
+
+
+@app.command()
+def dpo(config: Config = None, set_: Sets = None, output_dir: RunDir = None, json_mode: Json = False,
+        resume: Resume = False, overwrite: Overwrite = False):
+    """Direct preference optimisation (pref.loss_type sigmoid = DPO, ipo = IPO; pref.label_smoothing > 0 = cDPO).
+
+    Example: tinyml dpo -c tiny_dpo -o runs/dpo --set pref.beta=0.1
+    """
+    _train("dpo", _dpo, config, set_, output_dir, json_mode, resume, overwrite, PREF_DEFAULTS)
+
+
+@app.command()
+def ppo(config: Config = None, set_: Sets = None, output_dir: RunDir = None, json_mode: Json = False,
+        resume: Resume = False, overwrite: Overwrite = False):
+    """PPO (RLHF): sample, score (exact_match or a reward model folder), KL-penalised GAE, clipped policy / value losses.
+
+    Example: tinyml ppo -c tiny_ppo -o runs/ppo --set ppo.reward=runs/reward
+    """
+    _train("ppo", _ppo, config, set_, output_dir, json_mode, resume, overwrite, PREF_DEFAULTS)
+
+
+@reward_app.command("score")
+def reward_score(data: Path = typer.Argument(..., help="Preference JSONL (image, prompt, chosen, rejected)."),
+                 model_dir: Path = typer.Option(..., "--model", "-m", help="A reward model folder (tinyml reward)."),
+                 scores: Optional[Path] = typer.Option(None, "--output", help="Write one JSON line of scores per pair here."),
+                 config: Config = None, set_: Sets = None, json_mode: Json = False):
+    """Score the chosen and rejected answers of every pair; reports pairwise accuracy and mean margin.
+
+    Example: tinyml reward score runs/prefs/pref_eval.jsonl --model runs/reward --json
+    """
+    from . import ui
+    from .stages.reward import run_score
+    ui.quiet_libraries()
+    ui.emit(run_score(model_dir, data, _config(config, set_), scores), json_mode)
 
 
 @app.command("eval")
 def eval_(model_dir: Optional[Path] = typer.Argument(None, help="A tinyml model folder (the output of a training command)."),
           data: Optional[str] = typer.Option(None, "--data", "-d", help="Held-out data (default: data.eval of the recipe)."),
-          config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+          config: Config = None, set_: Sets = None,
           output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Where predictions.jsonl and eval_metrics.json go."),
-          json_mode: bool = JsonOpt, onnx: Optional[Path] = OnnxOpt):
+          json_mode: Json = False, onnx: Onnx = None):
     """Exact-match VQA accuracy (overall and per question type) and POPE metrics for a saved model.
 
     Example: tinyml eval runs/sft --data runs/shapes/eval.jsonl --json
     """
     from . import ui
+    from .stages.eval import run_eval
     cfg = _config(config, set_)
     if data:
         cfg.data.eval = data
-    if onnx:  # onnxruntime alone: torch is never imported
-        from .onnx_runner import run_eval_onnx
-        with ui.count_bar(ui.console(json_mode), "eval (onnx)") as bar:
-            return ui.emit(run_eval_onnx(onnx, cfg, output_dir, progress=bar), json_mode)
-    if model_dir is None:
-        raise UserError("give a MODEL_DIR or --onnx DIR")
-    from .evaluate import run_eval
-    ui.quiet_libraries()
-    with ui.count_bar(ui.console(json_mode), "eval") as bar:
-        result = run_eval(str(model_dir), cfg, output_dir, progress=bar)
+    if not onnx:  # the ONNX path never imports torch (nor transformers, which this would)
+        ui.quiet_libraries()
+    with ui.count_bar(ui.console(json_mode), "eval (onnx)" if onnx else "eval") as bar:
+        result = run_eval(str(model_dir) if model_dir else None, cfg, output_dir, progress=bar, onnx=onnx)
     ui.emit(result, json_mode)
 
 
@@ -123,46 +180,35 @@ def eval_(model_dir: Optional[Path] = typer.Argument(None, help="A tinyml model 
 def generate(model_dir: Optional[Path] = typer.Argument(None, help="A tinyml model folder."),
              prompt: str = typer.Option(..., "--prompt", "-p", help="The question or instruction."),
              image: Optional[Path] = typer.Option(None, "--image", "-i", help="An image file."),
-             config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, json_mode: bool = JsonOpt,
+             config: Config = None, set_: Sets = None, json_mode: Json = False,
              delta: Optional[List[Path]] = typer.Option(None, "--delta", help="A BitDelta folder to serve over MODEL_DIR as base (repeatable: one answer per delta)."),
-             onnx: Optional[Path] = OnnxOpt):
+             onnx: Onnx = None):
     """Answer a prompt about an image (greedy by default; --set gen.temperature=0.7 samples).
 
     Example: tinyml generate runs/sft --image runs/shapes/images/003000.png --prompt "What color is the circle?"
     """
     from . import ui
-    img = str(image) if image else None
-    if onnx:  # onnxruntime alone: torch is never imported
-        from .onnx_runner import run_generate_onnx
-        result = run_generate_onnx(onnx, img, prompt, _config(config, set_))
-    elif model_dir is None:
-        raise UserError("give a MODEL_DIR or --onnx DIR")
-    elif delta:
-        from .bitdelta_run import run_generate_deltas
+    from .stages.eval import run_generate
+    if not onnx:
         ui.quiet_libraries()
-        result = run_generate_deltas(model_dir, delta, img, prompt, _config(config, set_))
-    else:
-        from .evaluate import run_generate
-        ui.quiet_libraries()
-        result = run_generate(str(model_dir), img, prompt, _config(config, set_))
+    result = run_generate(model_dir, str(image) if image else None, prompt, _config(config, set_), onnx=onnx, deltas=delta)
     if json_mode:
         ui.emit(result, True)
     else:
-        typer.echo("\n".join(f"{a['delta']}: {a['answer']}" for a in result["answers"]) if delta and len(delta) > 1
-                   else result["answer"])
+        answers = result.get("answers", [])
+        typer.echo("\n".join(f"{a['delta']}: {a['answer']}" for a in answers) if len(answers) > 1 else result["answer"])
 
 
 @app.command()
 def merge(run_dir: Path = typer.Argument(..., help="A run folder trained with lora, dora, ia3, qlora or bitfit."),
           output_dir: Path = typer.Argument(..., help="Where the merged model folder goes."),
-          overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
-          json_mode: bool = JsonOpt):
+          overwrite: Overwrite = False, json_mode: Json = False):
     """Fold a run's adapters into full weights (QLoRA: into its dequantized base) as a plain model folder.
 
     Example: tinyml merge runs/sft runs/sft-merged
     """
     from . import ui
-    from .merge import merge_run
+    from .stages.merge import merge_run
     ui.quiet_libraries()
     ui.emit(merge_run(run_dir, output_dir, overwrite), json_mode)
 
@@ -173,16 +219,15 @@ def build_tiny(output_dir: Path = typer.Argument(Path("runs/tiny"), help="Where 
                llm_steps: int = typer.Option(200, help="Language-model pretraining steps of the LLM."),
                vision_steps: int = typer.Option(200, help="Contrastive pretraining steps of the vision tower."),
                scenes: int = typer.Option(4000, help="Synthetic scenes in the pretraining corpus."),
-               json_mode: bool = JsonOpt):
+               json_mode: Json = False):
     """Build the tiny default offline: a tokenizer, a Llama LLM and a SigLIP tower, briefly pretrained.
 
     Example: tinyml build-tiny runs/tiny
     """
     from . import ui
-    from .tiny import build_tiny as build
+    from .demo.tiny import build_tiny as build
     ui.quiet_libraries()
-    con = ui.console(json_mode)
-    with con.status("building the tiny default (tokenizer, LLM and vision pretraining)..."):
+    with ui.console(json_mode).status("building the tiny default (tokenizer, LLM and vision pretraining)..."):
         figures = build(output_dir, seed=seed, llm_steps=llm_steps, vision_steps=vision_steps, n_scenes=scenes)
     ui.emit({"command": "build-tiny", "output_dir": str(output_dir), "metrics": figures,
              "artifacts": {"llm": figures.pop("llm"), "vision": figures.pop("vision")}}, json_mode)
@@ -192,24 +237,35 @@ def build_tiny(output_dir: Path = typer.Argument(Path("runs/tiny"), help="Where 
 def synth_shapes(output_dir: Path = typer.Argument(..., help="Folder for images/, captions.jsonl, train.jsonl, eval.jsonl."),
                  n: int = typer.Option(8000, "--n", help="Training images."),
                  n_eval: int = typer.Option(200, "--n-eval", help="Held-out images (5 questions each)."),
-                 seed: int = typer.Option(0, help="Random seed."), json_mode: bool = JsonOpt):
+                 seed: int = typer.Option(0, help="Random seed."), json_mode: Json = False):
     """Synthetic shapes: captions (alignment), multi-turn VQA (sft) and a held-out split with POPE questions.
 
     Example: tinyml data synth-shapes runs/shapes --n 8000
     """
     from . import ui
-    from .synth import synth_shapes as synth
-    if n < 1 or n_eval < 1:
-        raise UserError("--n and --n-eval must be at least 1")
-    files = synth(output_dir, n=n, n_eval=n_eval, seed=seed)
-    images = files.pop("images")
-    ui.emit({"command": "data synth-shapes", "output_dir": str(output_dir), "metrics": {"images": images},
-             "artifacts": files}, json_mode)
+    from .demo.synth import synth_shapes_command
+    ui.emit(synth_shapes_command(output_dir, n, n_eval, seed), json_mode)
+
+
+@data_app.command("synth-preferences")
+def synth_preferences(output_dir: Path = typer.Argument(..., help="Folder for images/, pref_train.jsonl, pref_eval.jsonl, pope_probe.jsonl."),
+                      n: int = typer.Option(24000, "--n", help="Training pairs (one scene each)."),
+                      n_eval: int = typer.Option(1000, "--n-eval", help="Held-out pairs."),
+                      n_probe: int = typer.Option(1000, "--n-probe", help="Held-out POPE probe questions (three-object scenes)."),
+                      seed: int = typer.Option(1, help="Random seed (differs from synth-shapes' default)."),
+                      json_mode: Json = False):
+    """Hallucination preference pairs on new shapes scenes: the rejected answer swaps in a wrong colour, shape, count, side or an absent object.
+
+    Example: tinyml data synth-preferences runs/prefs --n 24000
+    """
+    from . import ui
+    from .demo.synth import synth_preferences_command
+    ui.emit(synth_preferences_command(output_dir, n, n_eval, n_probe, seed), json_mode)
 
 
 @data_app.command("validate")
 def data_validate(file: Path = typer.Argument(..., help="A data set: JSON / JSONL, parquet file or folder, datasets folder or hub id."),
-                  config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, json_mode: bool = JsonOpt):
+                  config: Config = None, set_: Sets = None, json_mode: Json = False):
     """Report every problem of a data set at once; exit 2 if there is any.
 
     Records, fields, images (fully decoded) and placeholders are checked; with model.llm and model.vision
@@ -218,18 +274,12 @@ def data_validate(file: Path = typer.Argument(..., help="A data set: JSON / JSON
     Example: tinyml data validate runs/shapes/train.jsonl -c tiny_sft
     """
     from . import ui
-    from .data import encoder_for, validate
+    from .stages.data import run_validate
     ui.quiet_libraries()
-    cfg = _config(config, set_)
-    enc = encoder_for(cfg) if cfg.model.init_from or cfg.model.llm else None
-    n, problems = validate(file, enc, cfg.data.columns)
-    con = ui.console(json_mode)
-    from rich.markup import escape
-    for p in problems:
-        con.print(f"[red]x[/red] {escape(p)}")
-    ui.emit({"command": "data validate", "output_dir": None, "artifacts": {}, "problems": problems,
-             "metrics": {"records": n, "problems": len(problems), "tokens_checked": enc is not None}}, json_mode)
-    if problems:
+    result = run_validate(file, _config(config, set_))
+    ui.problems(ui.console(json_mode), result["problems"])
+    ui.emit(result, json_mode)
+    if result["problems"]:
         raise typer.Exit(2)
 
 
@@ -237,29 +287,23 @@ def data_validate(file: Path = typer.Argument(..., help="A data set: JSON / JSON
 def demo(output_dir: Path = typer.Option(Path("runs/demo"), "--output-dir", "-o", help="Folder for everything the demo makes."),
          quick: bool = typer.Option(False, "--quick", help="Smoke test: a few steps of every stage (accuracy is meaningless)."),
          full: bool = typer.Option(False, "--full", help="Add the later stages after sft: reward -> dpo -> ppo on hallucination pairs."),
-         json_mode: bool = JsonOpt):
+         json_mode: Json = False):
     """The whole pipeline on CPU in minutes: tiny default -> data -> pretrain-align -> sft -> eval (--full: -> reward -> dpo -> ppo).
 
     Example: tinyml demo --json
     """
     from . import ui
-    from .demo import run_demo
+    from .demo.pipeline import run_demo
     ui.quiet_libraries()
-    result = run_demo(output_dir, ui.console(json_mode), quick=quick, full=full)
-    ui.emit(result, json_mode)
-
-
-bitdelta_app = typer.Typer(help="BitDelta: a fine-tuned model as 1-bit weight deltas over its base.", no_args_is_help=True)
-app.add_typer(bitdelta_app, name="bitdelta")
+    ui.emit(run_demo(output_dir, ui.console(json_mode), quick=quick, full=full), json_mode)
 
 
 @bitdelta_app.command("compress")
 def bitdelta_compress(base: Path = typer.Argument(..., help="The base tinyml model folder (e.g. the pretrain-align run)."),
                       finetuned: Path = typer.Argument(..., help="The fine-tuned tinyml model folder (e.g. the sft run)."),
                       output_dir: Path = typer.Argument(..., help="Where the delta folder goes."),
-                      config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, json_mode: bool = JsonOpt,
-                      resume: bool = typer.Option(False, "--resume", help="Continue scale distillation from the latest checkpoint."),
-                      overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing delta in the output folder.")):
+                      config: Config = None, set_: Sets = None, json_mode: Json = False,
+                      resume: Resume = False, overwrite: Overwrite = False):
     """Sign bits + one scale per linear weight of FINETUNED - BASE, scales distilled on data.train (train.* keys).
 
     Calibration and held-out data default to the fine-tuned run's data.train / data.eval.
@@ -267,10 +311,11 @@ def bitdelta_compress(base: Path = typer.Argument(..., help="The base tinyml mod
     Example: tinyml bitdelta compress runs/align runs/sft runs/sft-delta --json
     """
     from . import ui
-    from .bitdelta_run import compress_config, run_compress
+    from .stages.bitdelta import compress_config, run_compress
+    from .stages.outputs import prepare_output
     ui.quiet_libraries()
     cfg = compress_config(config, set_, finetuned)
-    _prepare_output(output_dir, resume, overwrite)
+    prepare_output(output_dir, resume, overwrite)
     with ui.training_bar(ui.console(json_mode), "scale distillation") as bar:
         result = run_compress(cfg, base, finetuned, output_dir, resume=resume, progress=bar)
     ui.emit(result, json_mode)
@@ -280,21 +325,16 @@ def bitdelta_compress(base: Path = typer.Argument(..., help="The base tinyml mod
 def bitdelta_apply(base: Path = typer.Argument(..., help="The base tinyml model folder the delta was made from."),
                    delta: Path = typer.Argument(..., help="A delta folder (from bitdelta compress)."),
                    output_dir: Path = typer.Argument(..., help="Where the merged tinyml model folder goes."),
-                   json_mode: bool = JsonOpt,
-                   overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model in the output folder.")):
-    """Merge BASE + DELTA (W_base + scale * sign) into an ordinary tinyml model folder.
+                   json_mode: Json = False, overwrite: Overwrite = False):
+    """BASE + DELTA as an ordinary tinyml model folder.
 
     Example: tinyml bitdelta apply runs/align runs/sft-delta runs/sft-bitdelta
     """
-    import shutil
-
     from . import ui
-    from .bitdelta_run import run_apply
+    from .stages.bitdelta import run_apply
+    from .stages.outputs import prepare_output
     ui.quiet_libraries()
-    if (output_dir / "tinyml_model.json").exists():
-        if not overwrite:
-            raise UserError(f"{output_dir} already holds a model: pass --overwrite to replace it")
-        shutil.rmtree(output_dir)
+    prepare_output(output_dir, overwrite=overwrite, marker="tinyml_model.json", holds="a model")
     ui.emit(run_apply(base, delta, output_dir), json_mode)
 
 
@@ -303,13 +343,13 @@ def export(model_dir: Path = typer.Argument(..., help="A trained tinyml model fo
            output_dir: Path = typer.Argument(..., help="Folder for the export."),
            format: str = typer.Option("onnx", "--format", "-f", help="onnx (for onnxruntime) | hf-llava (transformers LlavaForConditionalGeneration)."),
            dtype: str = typer.Option("fp32", "--dtype", help="ONNX weights and activations: fp32 | fp16."),
-           json_mode: bool = JsonOpt):
+           json_mode: Json = False):
     """Export a trained model: ONNX graphs (vision+connector, embeddings, KV-cache decoder) or a LLaVA checkpoint.
 
     Example: tinyml export runs/sft runs/onnx --format onnx
     """
     from . import ui
-    from .edge import run_export
+    from .stages.export import run_export
     ui.quiet_libraries()
     ui.emit(run_export(model_dir, output_dir, format, dtype), json_mode)
 
@@ -322,13 +362,13 @@ def quantize(source: Path = typer.Argument(..., help="An ONNX export (int4) or a
              symmetric: bool = typer.Option(False, "--symmetric", help="int4: symmetric blocks (no zero points)."),
              accuracy_level: int = typer.Option(4, "--accuracy-level", help="int4: MatMulNBits compute, 4 int8 activations (faster on CPU) | 0 fp32."),
              data: Optional[str] = typer.Option(None, "--data", "-d", help="Held-out data: evaluate before and after."),
-             config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, json_mode: bool = JsonOpt):
+             config: Config = None, set_: Sets = None, json_mode: Json = False):
     """Quantize a model and report file sizes and, with --data, the eval change against the unquantized model.
 
     Example: tinyml quantize runs/onnx runs/onnx-int4 --block-size 32 --data runs/shapes/eval.jsonl
     """
     from . import ui
-    from .edge import run_quantize
+    from .stages.quantize import run_quantize
     if method != "int4":  # bitsandbytes goes through transformers; the int4 path stays torch-free
         ui.quiet_libraries()
     ui.emit(run_quantize(source, output_dir, method, block_size, symmetric, data, _config(config, set_), accuracy_level),
@@ -336,7 +376,7 @@ def quantize(source: Path = typer.Argument(..., help="An ONNX export (int4) or a
 
 
 @app.command()
-def estimate(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, json_mode: bool = JsonOpt,
+def estimate(config: Config = None, set_: Sets = None, json_mode: Json = False,
              device: str = typer.Option("auto", "--device", help="cuda (a bf16 GPU) | cpu | auto (this machine's): what the estimate is for and where --measure runs."),
              gpu: float = typer.Option(24, "--gpu", help="Card size in GiB the advice aims at."),
              image_size: int = typer.Option(0, "--image-size", help="Image resolution (0: the vision config's)."),
@@ -349,56 +389,42 @@ def estimate(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetO
     Example: tinyml estimate --set model.llm=examples/configs/tinyllama-1.1b --set model.vision=examples/configs/siglip-so400m-patch14-384 --set peft.method=lora
     """
     from . import ui
-    from .estimate import Setting, report, run_estimate
+    from .stages.estimate import run_estimate
     ui.quiet_libraries()
     cfg = _config(config, set_, {"train.parts": ["connector", "llm"]})  # sft's defaults
-    setting = Setting(device=device, mode="infer" if infer else "train", batch=cfg.train.batch_size, seq=cfg.data.max_length,
-                      checkpointing=cfg.train.gradient_checkpointing, optimizer=cfg.train.optimizer, context=context,
-                      kv_bytes=kv_bytes, image_size=image_size)
-    result = run_estimate(cfg, setting, gpu, measure)
-    ui.emit(result, True) if json_mode else report(ui.console(False), result)
+    result = run_estimate(cfg, device, gpu, measure, infer, context, kv_bytes, image_size)
+    ui.emit(result, True) if json_mode else ui.estimate_report(ui.console(False), result)
 
 
 @app.command()
 def report(run_dirs: List[Path] = typer.Argument(..., help="Run folders (metrics.jsonl, eval_metrics.json, estimate.json), or folders of runs."),
            output_dir: Path = typer.Option(Path("runs/report"), "--output-dir", "-o", help="Where report.html and the PNG figures go."),
-           json_mode: bool = JsonOpt):
+           json_mode: Json = False):
     """Figures (loss, lr, objective metrics, eval, memory) and a self-contained report.html from runs.
 
     Example: tinyml report runs/demo/align runs/demo/sft -o runs/report
     """
     from . import ui
-    from .report import make_report, runs_table
+    from .stages.report import make_report
     result = make_report(run_dirs, output_dir)
-    con = ui.console(json_mode)
-    con.print(runs_table(result["runs"]))
+    ui.console(json_mode).print(ui.runs_table(result["runs"]))
     ui.emit(result, json_mode)
 
 
-recipes_app = typer.Typer(help="The recipes shipped with tinyml.", no_args_is_help=True)
-app.add_typer(recipes_app, name="recipes")
-
-
 @recipes_app.command("list")
-def recipes_list(json_mode: bool = JsonOpt):
+def recipes_list(json_mode: Json = False):
     """Each shipped recipe with the command line it opens with.
 
     Example: tinyml recipes list
     """
     from . import ui
-    from .shipped import shipped_recipes
+    from .config import shipped_recipes
     found = shipped_recipes()
     if json_mode:
         ui.emit({"command": "recipes list", "output_dir": None, "metrics": {"recipes": len(found)},
                  "artifacts": {}, "recipes": found}, True)
-        return
-    from rich.table import Table
-    table = Table(title="shipped recipes (use with -c NAME)", header_style="bold")
-    table.add_column("name")
-    table.add_column("runs with")
-    for r in found:
-        table.add_row(r["name"], r["command"])
-    ui.console(False).print(table)
+    else:
+        ui.console(False).print(ui.recipes_table(found))
 
 
 @recipes_app.command("show")
@@ -407,121 +433,27 @@ def recipes_show(name: str = typer.Argument(..., help="A shipped recipe's name (
 
     Example: tinyml recipes show tiny_sft > my_sft.yaml
     """
-    from .shipped import recipe_text
+    from .config import recipe_text
     typer.echo(recipe_text(name), nl=False)
 
 
 @recipes_app.command("keys")
-def recipes_keys(json_mode: bool = JsonOpt):
-    """Every recipe key with its default and what it means.
+def recipes_keys(json_mode: Json = False):
+    """Every recipe key with its default and what it means (valid values of a choice in brackets).
 
     Example: tinyml recipes keys | grep train.
     """
     from . import ui
-    from .config import RunConfig, all_keys
+    from .config import RunConfig, all_keys, choices
     defaults = RunConfig().to_dict()
     rows = [(k, defaults[k.split(".")[0]][k.split(".", 1)[1]], h) for k, h in all_keys().items()]
     if json_mode:
         ui.emit({"command": "recipes keys", "output_dir": None, "metrics": {"keys": len(rows)}, "artifacts": {},
-                 "keys": {k: {"default": d, "help": h} for k, d, h in rows}}, True)
+                 "keys": {k: {"default": d, "help": h, **({"choices": list(choices(k))} if choices(k) else {})}
+                          for k, d, h in rows}}, True)
         return
     for k, d, h in rows:
         typer.echo(f"{k:32} {str(d):14} {h}")
-
-
-# ------------------------------------------------------------------------------------ preference stages
-reward_app = typer.Typer()  # help: the docstring of its callback below
-app.add_typer(reward_app, name="reward")
-
-
-def _pref_command(command: str, config, sets, output_dir, json_mode, resume, overwrite, run):
-    from . import ui
-    ui.quiet_libraries()
-    cfg = _config(config, sets, {"train.parts": ["connector", "llm"]})
-    out = Path(output_dir or f"runs/{command}")
-    _prepare_output(out, resume, overwrite)
-    with ui.training_bar(ui.console(json_mode), command) as bar:
-        result = run(cfg, out, progress=bar, **({"resume": resume} if resume else {}))
-    ui.emit(result, json_mode)
-
-
-@reward_app.callback(invoke_without_command=True)
-def reward(ctx: typer.Context, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
-           output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run folder (default runs/reward)."),
-           json_mode: bool = JsonOpt,
-           resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the output folder."),
-           overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in the output folder.")):
-    """Reward model: the LMM with a scalar head on the last response token, Bradley-Terry loss on chosen / rejected.
-
-    Example: tinyml reward -c tiny_reward -o runs/reward
-    """
-    if ctx.invoked_subcommand is not None:
-        return
-    from .reward import run_reward
-    _pref_command("reward", config, set_, output_dir, json_mode, resume, overwrite, run_reward)
-
-
-@reward_app.command("score")
-def reward_score(data: Path = typer.Argument(..., help="Preference JSONL (image, prompt, chosen, rejected)."),
-                 model_dir: Path = typer.Option(..., "--model", "-m", help="A reward model folder (tinyml reward)."),
-                 scores: Optional[Path] = typer.Option(None, "--output", help="Write one JSON line of scores per pair here."),
-                 config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt, json_mode: bool = JsonOpt):
-    """Score the chosen and rejected answers of every pair; reports pairwise accuracy and mean margin.
-
-    Example: tinyml reward score runs/prefs/pref_eval.jsonl --model runs/reward --json
-    """
-    from . import ui
-    from .reward import run_score
-    ui.quiet_libraries()
-    ui.emit(run_score(model_dir, data, _config(config, set_), scores), json_mode)
-
-
-@app.command()
-def dpo(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
-        output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run folder (default runs/dpo)."),
-        json_mode: bool = JsonOpt,
-        resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the output folder."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in the output folder.")):
-    """Direct preference optimisation (pref.loss_type sigmoid = DPO, ipo = IPO; pref.label_smoothing > 0 = cDPO).
-
-    Example: tinyml dpo -c tiny_dpo -o runs/dpo --set pref.beta=0.1
-    """
-    from .dpo import run_dpo
-    _pref_command("dpo", config, set_, output_dir, json_mode, resume, overwrite, run_dpo)
-
-
-@app.command()
-def ppo(config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
-        output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run folder (default runs/ppo)."),
-        json_mode: bool = JsonOpt,
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in the output folder.")):
-    """PPO (RLHF): sample, score (exact_match or a reward model folder), KL-penalised GAE, clipped policy / value losses.
-
-    Example: tinyml ppo -c tiny_ppo -o runs/ppo --set ppo.reward=runs/reward
-    """
-    from .ppo import run_ppo
-    _pref_command("ppo", config, set_, output_dir, json_mode, False, overwrite, run_ppo)
-
-
-@data_app.command("synth-preferences")
-def synth_preferences(output_dir: Path = typer.Argument(..., help="Folder for images/, pref_train.jsonl, pref_eval.jsonl, pope_probe.jsonl."),
-                      n: int = typer.Option(24000, "--n", help="Training pairs (one scene each)."),
-                      n_eval: int = typer.Option(1000, "--n-eval", help="Held-out pairs."),
-                      n_probe: int = typer.Option(1000, "--n-probe", help="Held-out POPE probe questions (three-object scenes)."),
-                      seed: int = typer.Option(1, help="Random seed (differs from synth-shapes' default)."),
-                      json_mode: bool = JsonOpt):
-    """Hallucination preference pairs on new shapes scenes: the rejected answer swaps in a wrong colour, shape, count, side or an absent object.
-
-    Example: tinyml data synth-preferences runs/prefs --n 24000
-    """
-    from . import ui
-    from .synth import synth_preferences as synth
-    if n < 1 or n_eval < 0 or n_probe < 0:
-        raise UserError("--n must be at least 1, --n-eval and --n-probe at least 0")
-    files = synth(output_dir, n=n, n_eval=n_eval, n_probe=n_probe, seed=seed)
-    images = files.pop("images")
-    ui.emit({"command": "data synth-preferences", "output_dir": str(output_dir), "metrics": {"images": images},
-             "artifacts": files}, json_mode)
 
 
 def version_callback(value: bool):

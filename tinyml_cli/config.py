@@ -10,11 +10,15 @@ import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from . import UserError
+
+Part = Literal["connector", "llm", "vision"]  # the parts of a composed model (core.model.PARTS)
 
 
 def _f(default, help: str):
@@ -28,16 +32,16 @@ def _f(default, help: str):
 class ModelConfig:
     llm: str = _f("", "causal LM: hub id or local folder (AutoModelForCausalLM)")
     vision: str = _f("", "vision encoder: hub id or local folder (CLIP / SigLIP vision or full model)")
-    connector: str = _f("mlp2x_gelu", "linear (VILA) | mlp2x_gelu (LLaVA-1.5) | resampler (Flamingo perceiver) | qformer (BLIP-2)")
+    connector: Literal["linear", "mlp2x_gelu", "resampler", "qformer"] = _f("mlp2x_gelu", "image features -> LLM: linear (VILA), mlp2x_gelu (LLaVA-1.5), resampler (Flamingo perceiver), qformer (BLIP-2)")
     init_from: str = _f("", "a tinyml run folder whose saved llm, vision and connector start this run")
     vision_feature_layer: int = _f(-1, "hidden layer of the vision encoder fed to the connector (LLaVA: -2)")
     resampler_queries: int = _f(16, "number of learned queries (image tokens) of the resampler")
     resampler_layers: int = _f(2, "perceiver layers of the resampler")
     qformer_queries: int = _f(32, "number of learned queries (image tokens) of the qformer connector")
     qformer_layers: int = _f(2, "qformer layers (self-attention, cross-attention to the image, MLP)")
-    dtype: str = _f("auto", "weights dtype: auto (bf16 on a bf16 GPU, else fp32) | fp32 | bf16 | fp16")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", "weights dtype (auto: bf16 on a bf16 GPU, else fp32)")
     trust_remote_code: bool = _f(False, "allow model code from the hub (off: safer)")
-    attn_implementation: str = _f("sdpa", "eager | sdpa | flash_attention_2")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = _f("sdpa", "attention kernel of the LLM")
 
 
 @dataclass
@@ -46,14 +50,14 @@ class DataConfig:
     eval: str = _f("", "held-out data for eval (same format; records may carry `type` and `answer`)")
     max_length: int = _f(512, "maximum tokens per record, image tokens included")
     system_prompt: str = _f("", "system message prepended to every conversation")
-    on_error: str = _f("fail", "fail | skip: what a bad record does")
+    on_error: Literal["fail", "skip"] = _f("fail", "what a bad record does: fail names it, skip lists it in skipped.txt")
     columns: dict = _f({}, "data set columns by tinyml field, e.g. {image: img, messages: dialog} (fields: image, "
                            "images, conversations, messages, prompt, chosen, rejected, id, type, answer)")
 
 
 @dataclass
 class TrainConfig:
-    parts: list = _f(["connector"], "parts that train with peft.method=freeze: connector, llm, vision")
+    parts: list[Part] = _f(["connector"], "parts that train with peft.method=freeze")
     vision_freeze_first_n: int = _f(0, "with vision in parts: keep the first N vision layers frozen (TinyLLaVA share)")
     max_steps: int = _f(0, "optimizer steps (0: run train.epochs)")
     epochs: float = _f(1.0, "passes over the data when max_steps is 0")
@@ -61,33 +65,34 @@ class TrainConfig:
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     lr: float = _f(1e-3, "peak learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
-    optimizer: str = _f("adamw", "adamw (torch) | adamw8bit | paged_adamw8bit (bitsandbytes; paged states live in CUDA "
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = _f("adamw", "adamw (torch), or bitsandbytes' 8-bit AdamW (paged: states live in CUDA "
                                  "unified memory and move to CPU RAM when the card is full; on CPU, paged = adamw8bit)")
     warmup_ratio: float = _f(0.03, "fraction of steps of linear warmup")
-    scheduler: str = _f("cosine", "cosine | linear | constant")
+    scheduler: Literal["cosine", "linear", "constant"] = _f("cosine", "learning-rate schedule after warmup")
     max_grad_norm: float = _f(1.0, "gradient clipping (0: off)")
     optimizer_in_backward: bool = _f(False, "step each weight's AdamW inside the backward pass and free its gradient at once "
                                             "(no full gradient buffer; needs grad_accum 1, max_grad_norm 0, one process)")
-    mixed_precision: str = _f("auto", "auto (bf16 where the GPU supports it) | no | bf16 | fp16")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _f("auto", "autocast precision (auto: bf16 where the GPU supports it)")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     seed: int = _f(0, "seed for weights init, data order and dropout")
     save_every: int = _f(0, "write a resumable checkpoint every N steps (0: only the final model)")
     keep_last: int = _f(2, "checkpoints kept")
     log_every: int = _f(10, "steps between metrics.jsonl lines")
-    report_to: list = _f([], "also log metrics to: tensorboard, wandb (offline), via accelerate (files under the run folder)")
+    report_to: list[Literal["tensorboard", "wandb"]] = _f([], "also log metrics to these trackers (wandb offline), via accelerate (files under the run folder)")
 
 
 @dataclass
 class PeftConfig:
-    method: str = _f("freeze", "full (every weight) | freeze (train.parts) | lora | qlora (4-bit LLM + LoRA) | dora | ia3 | "
-                               "bitfit (biases only) | adapter (Houlsby bottlenecks) | prompt-tuning | prefix-tuning")
-    parts: list = _f(["llm"], "where lora / dora / qlora, bitfit and adapter apply: llm, vision, connector "
-                              "(ia3, prompt-tuning, prefix-tuning: llm only)")
+    method: Literal["full", "freeze", "lora", "qlora", "dora", "ia3", "bitfit", "adapter", "prompt-tuning", "prefix-tuning"] = _f(
+        "freeze", "full: every weight; freeze: train.parts; qlora: 4-bit LLM + LoRA; bitfit: biases only; adapter: Houlsby "
+                  "bottlenecks; the others as in peft")
+    parts: list[Part] = _f(["llm"], "where lora / dora / qlora, bitfit and adapter apply (ia3, prompt-tuning, "
+                                   "prefix-tuning: llm only)")
     r: int = _f(8, "LoRA rank")
     alpha: int = _f(16, "LoRA alpha")
     dropout: float = _f(0.05, "LoRA dropout")
     target_modules: str = _f("all-linear", "LoRA targets: all-linear or comma-separated module names")
-    quant_type: str = _f("nf4", "qlora: 4-bit type of the frozen LLM weights, nf4 | fp4 (bitsandbytes)")
+    quant_type: Literal["nf4", "fp4"] = _f("nf4", "qlora: 4-bit type of the frozen LLM weights (bitsandbytes)")
     double_quant: bool = _f(True, "qlora: quantize the quantization constants too (saves ~0.4 bit per weight)")
     adapter_size: int = _f(16, "adapter: bottleneck width of each adapter (after every attention and MLP block)")
     virtual_tokens: int = _f(8, "prompt-tuning / prefix-tuning: learned tokens (or key/value prefixes) prepended")
@@ -104,7 +109,7 @@ class GenConfig:
 @dataclass
 class PrefConfig:
     beta: float = _f(0.1, "dpo: strength of the pull towards the reference (higher: stay closer)")
-    loss_type: str = _f("sigmoid", "dpo: sigmoid (DPO) | ipo (IPO)")
+    loss_type: Literal["sigmoid", "ipo"] = _f("sigmoid", "dpo: sigmoid (DPO) or ipo (IPO)")
     label_smoothing: float = _f(0.0, "dpo: conservative DPO, the assumed share of flipped labels (0: plain DPO)")
     rpo_alpha: float = _f(0.0, "dpo: weight of the chosen answer's per-token NLL added to the loss (RPO; 0: none)")
     precompute_ref: bool = _f(True, "dpo: reference log-probs once before training (no reference model in memory)")
@@ -145,18 +150,56 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def all_keys() -> dict[str, str]:
-    """Every `section.key` with its help text."""
+def _fields() -> dict[str, tuple[type, dataclasses.Field]]:
+    """`section.key` -> (declared type, field), in declaration order."""
     out = {}
     for sec in dataclasses.fields(RunConfig):
-        for f in dataclasses.fields(sec.default_factory()):
-            out[f"{sec.name}.{f.name}"] = f.metadata.get("help", "")
+        cls = sec.default_factory
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            out[f"{sec.name}.{f.name}"] = (hints[f.name], f)
     return out
 
 
-def _coerce(key: str, value, current):
-    """Check a value against the type of the field's default; ints are accepted for floats."""
-    kind = type(current)
+def choices(key: str) -> tuple[str, ...]:
+    """The valid values of a choice-valued key (or of each item of a list of choices); () for free values."""
+    kind = _fields()[key][0]
+    if typing.get_origin(kind) is list:
+        kind = typing.get_args(kind)[0]
+    return typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
+
+
+def all_keys() -> dict[str, str]:
+    """Every `section.key` with its help text (its valid values appended, for a choice)."""
+    out = {}
+    for key, (_, f) in _fields().items():
+        valid = choices(key)
+        out[key] = f.metadata.get("help", "") + (f" [{' | '.join(valid)}]" if valid else "")
+    return out
+
+
+def _choice(key: str, value: str, valid: tuple) -> str:
+    if value in valid:
+        return value
+    close = difflib.get_close_matches(str(value), valid, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise UserError(f"{key}={value!r} is not valid{hint}: choose {', '.join(valid)}")
+
+
+def _coerce(key: str, value, kind):
+    """Check a value against the key's declared type; ints are accepted for floats, choices against their values."""
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        if not isinstance(value, str):
+            raise UserError(f"{key} must be one of {', '.join(typing.get_args(kind))}, got {value!r}")
+        return _choice(key, value, typing.get_args(kind))
+    if origin is list or kind is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise UserError(f"{key} must be a list, got {value!r}")
+        valid = choices(key)
+        return [_choice(key, str(v), valid) if valid else str(v) for v in value]
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -168,12 +211,6 @@ def _coerce(key: str, value, current):
             return kind(value)
         except ValueError:
             raise UserError(f"{key} must be {kind.__name__}, got {value!r}") from None
-    if kind is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise UserError(f"{key} must be a list, got {value!r}")
-        return [str(v) for v in value]
     if kind is dict:
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             raise UserError(f"{key} must be a mapping of names, like {{image: img}}, got {value!r}")
@@ -186,14 +223,45 @@ def _coerce(key: str, value, current):
 
 
 def _set(cfg: RunConfig, key: str, value) -> None:
-    keys = all_keys()
-    if key not in keys:
-        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+    fields = _fields()
+    if key not in fields:
+        close = difflib.get_close_matches(key, fields, n=3, cutoff=0.5)
         hint = f" (did you mean {', '.join(close)}?)" if close else f" (valid sections: {', '.join(f.name for f in dataclasses.fields(RunConfig))})"
         raise UserError(f"unknown config key '{key}'{hint}")
     section, name = key.split(".", 1)
-    sec = getattr(cfg, section)
-    setattr(sec, name, _coerce(key, value, getattr(sec, name)))
+    setattr(getattr(cfg, section), name, _coerce(key, value, fields[key][0]))
+
+
+def check(cfg: RunConfig) -> RunConfig:
+    """Rules that tie keys together or bound a number, checked when the recipe loads (before any model does)."""
+    t, p, pref, ppo = cfg.train, cfg.peft, cfg.pref, cfg.ppo
+    if t.optimizer_in_backward:
+        why = [need for bad, need in (
+            (t.grad_accum != 1, "train.grad_accum=1 (gradients cannot add up over micro-batches; raise train.batch_size instead)"),
+            (t.max_grad_norm > 0, "train.max_grad_norm=0 (clipping by the global norm needs every gradient before any step)"),
+            (t.optimizer != "adamw", "train.optimizer=adamw (the hook steps torch's AdamW one weight at a time)"),
+            (t.mixed_precision == "fp16", "train.mixed_precision no or bf16 (the fp16 loss scaler unscales all gradients before the step)"),
+        ) if bad]
+        if why:
+            raise UserError("train.optimizer_in_backward needs " + "; ".join(why))
+    if p.method in ("ia3", "prompt-tuning", "prefix-tuning") and list(dict.fromkeys(p.parts)) != ["llm"]:
+        raise UserError(f"peft.method={p.method} applies to the LLM only: set peft.parts=[llm]")
+    if p.method == "qlora" and "llm" not in p.parts:
+        raise UserError("peft.method=qlora puts LoRA on the 4-bit LLM: peft.parts must include llm")
+    if p.method not in ("full", "freeze") and not p.parts:
+        raise UserError("peft.parts is empty: name where the method applies (llm, vision, connector)")
+    bounds = [("train.batch_size", t.batch_size >= 1, "at least 1"), ("train.grad_accum", t.grad_accum >= 1, "at least 1"),
+              ("train.max_steps", t.max_steps >= 0, "0 or more"), ("data.max_length", cfg.data.max_length >= 1, "at least 1"),
+              ("peft.virtual_tokens", p.virtual_tokens >= 1, "at least 1"), ("peft.adapter_size", p.adapter_size >= 1, "at least 1"),
+              ("pref.beta", pref.beta > 0, "> 0"), ("pref.label_smoothing", 0 <= pref.label_smoothing < 0.5, "in [0, 0.5)"),
+              ("pref.rpo_alpha", pref.rpo_alpha >= 0, ">= 0"), ("ppo.temperature", ppo.temperature > 0, "> 0 (rollouts are sampled)"),
+              ("ppo.rollouts", ppo.rollouts >= 1, "at least 1"), ("ppo.rollout_size", ppo.rollout_size >= 1, "at least 1"),
+              ("ppo.minibatch", ppo.minibatch >= 1, "at least 1"), ("ppo.epochs", ppo.epochs >= 1, "at least 1")]
+    for key, ok, need in bounds:
+        if not ok:
+            section, name = key.split(".")
+            raise UserError(f"{key} must be {need}, got {getattr(getattr(cfg, section), name)}")
+    return cfg
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -246,7 +314,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
         if v is None:
             v = ""
         _set(cfg, k.strip(), v)
-    return cfg
+    return check(cfg)
 
 
 def save_config(cfg: RunConfig, out_dir: str | Path, extra: dict | None = None) -> Path:
@@ -264,3 +332,37 @@ def config_from_dict(data: dict) -> RunConfig:
     for k, v in _flatten({s: data[s] for s in data if s in {f.name for f in dataclasses.fields(RunConfig)}}).items():
         _set(cfg, k, v)
     return cfg
+
+
+def _recipe_files() -> dict:
+    return {f.name[:-5]: f for f in sorted(files("tinyml_cli.recipes").iterdir(), key=lambda f: f.name)
+            if f.name.endswith(".yaml") and f.is_file()}
+
+
+def _opening(text: str) -> tuple[str, str]:
+    """(what it is, the command that runs it) from a recipe's opening comment block."""
+    comments = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        comments.append(" ".join(line.lstrip("#").split()))
+    commands = [c for c in comments if c.startswith("tinyml ")]
+    # the line that runs this recipe names it with -c; the lines before it may prepare data
+    command = next((c for c in commands if " -c " in c), commands[0] if commands else "")
+    return (comments[0] if comments else ""), command
+
+
+def shipped_recipes() -> list[dict]:
+    out = []
+    for name, f in _recipe_files().items():
+        about, command = _opening(f.read_text(encoding="utf-8"))
+        out.append({"name": name, "about": about, "command": command})
+    return out
+
+
+def recipe_text(name: str) -> str:
+    found = _recipe_files()
+    key = name[:-5] if name.endswith(".yaml") else name
+    if key not in found:
+        raise UserError(f"no shipped recipe '{name}' (shipped: {', '.join(found)})")
+    return found[key].read_text(encoding="utf-8")

@@ -11,7 +11,13 @@ import os
 import sys
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 
@@ -93,3 +99,87 @@ def emit(result: dict, json_mode: bool) -> None:
     if json_mode:
         sys.stdout.write(json.dumps(result, default=str) + "\n")
         sys.stdout.flush()
+
+
+GIB = 1 << 30
+
+
+def _gb(n) -> str:
+    return "-" if n is None else f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / (1 << 20):.1f} MiB"
+
+
+def estimate_report(con, result: dict) -> None:
+    """Breakdown, card table and advice as rich tables (people's view of the result)."""
+    from rich.table import Table
+    m = result["metrics"]
+    t = Table(title=f"tinyml estimate ({m['mode']}, {m['device']}, weights {m['dtype']}, peak at {m.get('peak_phase', 'inference')})")
+    t.add_column("component"), t.add_column("memory", justify="right")
+    for k, v in m["params"].items():
+        t.add_row(f"params.{k}", f"{v:,}")
+    for k, v in m["breakdown"].items():
+        if v:
+            t.add_row(k, _gb(v))
+        if k == "activations" and m.get("llm_layer_activation_bytes"):
+            t.add_row(f"  per LLM layer ({m['image_tokens']} image tokens per record)",
+                      _gb(m["llm_layer_activation_bytes"]))
+    if m.get("paged_optimizer_bytes"):
+        t.add_row("optimizer states, paged (not counted: CPU RAM when the card is full)", _gb(m["paged_optimizer_bytes"]))
+    t.add_row("[bold]tensor peak[/bold]", _gb(m["tensor_bytes"]))
+    t.add_row("[bold]total[/bold]", _gb(m["total_bytes"]))
+    if "measured_bytes" in m:
+        t.add_row(f"measured peak ({m['measured_on']})", f"{_gb(m['measured_bytes'])} ({m['rel_error']:+.1%})")
+    con.print(t)
+    g = Table(title="cards")
+    g.add_column("GPU"), g.add_column("GiB", justify="right"), g.add_column("verdict")
+    for row in result["gpus"]:
+        color = {"fits": "green", "tight": "yellow", "no": "red"}[row["verdict"]]
+        g.add_row(row["gpu"], str(row["gib"]), f"[{color}]{row['verdict']}[/{color}]")
+    con.print(g)
+    a = Table(title=f"to fit a {result['target_gib']:g} GiB card")
+    a.add_column("change"), a.add_column("new total", justify="right"), a.add_column("verdict")
+    for row in result["advice"]:
+        a.add_row(row["change"], _gb(row["total_bytes"]), row["verdict"])
+    con.print(a)
+
+
+def runs_table(summaries: list[dict]):
+    """The compact terminal summary: one row per run."""
+    from rich.table import Table
+    cols = [("run", "run"), ("command", "command"), ("steps", "steps"), ("loss_first", "loss first"),
+            ("loss_last", "loss last"), ("tokens_per_s", "tok/s"), ("vqa_accuracy", "eval acc"),
+            ("estimate_gib", "est. GiB")]
+    cols = [(k, h) for k, h in cols if any(k in s for s in summaries)]
+    table = Table(title="runs", header_style="bold")
+    for _, h in cols:
+        table.add_column(h)
+    for s in summaries:
+        table.add_row(*[f"{s[k]:.4g}" if isinstance(s.get(k), float) else str(s.get(k, "")) for k, _ in cols])
+    return table
+
+
+def recipes_table(found: list[dict]):
+    table = Table(title="shipped recipes (use with -c NAME)", header_style="bold")
+    table.add_column("name")
+    table.add_column("runs with")
+    for r in found:
+        table.add_row(r["name"], r["command"])
+    return table
+
+
+def problems(con: Console, found: list[str]) -> None:
+    """One red line per problem of a data set."""
+    from rich.markup import escape
+    for p in found:
+        con.print(f"[red]x[/red] {escape(p)}")
+
+
+def demo_table(con: Console, before: dict, after: dict) -> None:
+    """Held-out accuracy per question type after pretrain-align and after sft."""
+    table = Table(title="held-out accuracy: after pretrain-align (before sft) vs after sft")
+    for col in ("question type", "before", "after"):
+        table.add_column(col)
+    for k in after["vqa_accuracy_by_type"]:
+        table.add_row(k, f"{before['vqa_accuracy_by_type'].get(k, 0):.3f}", f"{after['vqa_accuracy_by_type'][k]:.3f}")
+    table.add_row("[bold]overall", f"{before['vqa_accuracy']:.3f}", f"[bold]{after['vqa_accuracy']:.3f}")
+    table.add_row("POPE F1", f"{before.get('pope', {}).get('f1', 0):.3f}", f"{after.get('pope', {}).get('f1', 0):.3f}")
+    con.print(table)

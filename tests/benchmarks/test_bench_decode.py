@@ -1,0 +1,27 @@
+"""benchmarks/decode.py end to end on the tiny model: its JSON carries the ratios, and the fp32 ONNX export
+decodes the same greedy tokens as the eager PyTorch model (the comparison is between equal functions)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "decode.py"
+
+
+@pytest.mark.slow
+def test_decode_benchmark_reports_ratios_of_equal_models(tiny_model, shapes, tmp_path):
+    tiny_model.save(tmp_path / "model")
+    res = subprocess.run([sys.executable, str(SCRIPT), "--json", "--work", str(tmp_path / "work"),
+                          "--model", str(tmp_path / "model"), "--data", str(shapes / "eval.jsonl"),
+                          "--prompts", "2", "--new-tokens", "6", "--repeats", "1"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    r = out["ratios"]
+    assert r["int4_vs_eager"] > 0 and r["fp32_onnx_vs_eager"] > 0
+    assert r["fp32_onnx_greedy_match"] == 1.0
+    assert out["sides"]["eager"]["tokens"] == out["sides"]["fp32_onnx"]["tokens"] > 0
+    assert out["sides"]["int4_onnx"]["bytes"] < out["sides"]["fp32_onnx"]["bytes"] / 3

@@ -1,0 +1,119 @@
+"""Batching: images opened and pre-processed (with a small cache), records padded into batches, preference
+pairs as 2B rows, and a recipe's encoder made without loading weights."""
+
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from .. import UserError
+from ..records.conversations import Example, open_rgb
+from ..records.encoder import Encoder, encoder_for
+from ..records.preferences import Pair
+
+
+class ImageLoader:
+    """Opens, converts and pre-processes images; keeps small results in memory (a byte budget)."""
+
+    def __init__(self, processor, cache_bytes: int = 512 << 20):
+        self.processor, self.cache, self.budget = processor, {}, cache_bytes
+
+    def __call__(self, paths: list[Path]):
+        import torch  # imported here: reading and encoding records must not need torch (the ONNX runner)
+        todo = [p for p in dict.fromkeys(paths) if p not in self.cache]
+        fresh = {}
+        if todo:
+            imgs = []
+            for p in todo:
+                try:
+                    imgs.append(open_rgb(p))
+                except (OSError, ValueError) as e:
+                    raise UserError(f"cannot read image {p}: {e}") from None
+            fresh = dict(zip(todo, self.processor(images=imgs, return_tensors="pt")["pixel_values"]))
+            for p, x in fresh.items():
+                size = x.numel() * x.element_size()
+                if size <= self.budget:
+                    self.budget -= size
+                    self.cache[p] = x
+        return torch.stack([self.cache.get(p, fresh.get(p)) for p in paths])
+
+
+class Collator:
+    """Pads a list of Examples into a batch (right padding to train, left padding to generate)."""
+
+    def __init__(self, pad_id: int, images: ImageLoader, left_pad: bool = False):
+        self.pad_id, self.images, self.left = pad_id, images, left_pad
+
+    def __call__(self, batch: list[Example]) -> dict:
+        import torch
+        n = max(len(e.input_ids) for e in batch)
+        ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), n), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, e in enumerate(batch):
+            k = len(e.input_ids)
+            sl = slice(n - k, n) if self.left else slice(0, k)
+            ids[i, sl] = torch.tensor(e.input_ids)
+            labels[i, sl] = torch.tensor(e.labels)
+            mask[i, sl] = 1
+        paths = [p for e in batch for p in e.images]
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if paths:
+            try:
+                out["pixel_values"] = self.images(paths)
+            except UserError as e:  # name the record too: an image can break only when it is decoded
+                where = next((x.meta.get("where") for x in batch for q in x.images if str(q) in str(e)), None)
+                raise UserError(f"{where}: {e}" if where else str(e)) from None
+        return out
+
+
+def recipe_encoder(cfg) -> Encoder:
+    """The Encoder of a recipe's model from its tokenizer and image-token count, without loading any weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .model import _hf_load, prepare_tokenizer
+    m = cfg.model
+    if m.init_from:
+        spec = json.loads((Path(m.init_from) / "tinyml_model.json").read_text())
+        llm, n_img = str(Path(m.init_from) / "llm"), spec["num_image_tokens"]
+    else:
+        if not m.vision:
+            raise UserError("model.vision is not set (needed to count image tokens)")
+        vcfg = _hf_load(AutoConfig.from_pretrained, m.vision, "vision config", trust_remote_code=m.trust_remote_code)
+        vcfg = getattr(vcfg, "vision_config", vcfg)
+        llm = m.llm
+        n_img = ({"resampler": m.resampler_queries, "qformer": m.qformer_queries}.get(m.connector)
+                 or (vcfg.image_size // vcfg.patch_size) ** 2)
+    tok = _hf_load(AutoTokenizer.from_pretrained, llm, "tokenizer", trust_remote_code=m.trust_remote_code)
+    prepare_tokenizer(tok, None)
+    return encoder_for(SimpleNamespace(tokenizer=tok, num_image_tokens=n_img), cfg.data)
+
+
+class PreferenceCollator:
+    """A batch of B pairs as 2B rows: the chosen sides first, then the rejected ones (one forward pass).
+
+    Pairs that carry reference log-probs (`meta["ref"] = (chosen, rejected)`) add `ref_logps` (2B,).
+    """
+
+    def __init__(self, collate: Collator):
+        self.collate = collate
+
+    def __call__(self, pairs: list[Pair]) -> dict:
+        batch = self.collate([p.chosen for p in pairs] + [p.rejected for p in pairs])
+        if all("ref" in p.meta for p in pairs):
+            batch["ref_logps"] = torch.tensor([p.meta["ref"][0] for p in pairs] + [p.meta["ref"][1] for p in pairs])
+        return batch
+
+
+def pair_batches(pairs: list[Pair], collate, batch_size: int, device):
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s:s + batch_size]
+        yield chunk, {k: v.to(device) for k, v in collate(chunk).items()}
+
+
+def collator_for(model) -> PreferenceCollator:
+    return PreferenceCollator(Collator(model.tokenizer.pad_token_id, ImageLoader(model.image_processor)))

@@ -1,0 +1,228 @@
+"""export: a trained tinyml folder to ONNX for onnxruntime, or to a transformers LLaVA checkpoint.
+
+ONNX (`--format onnx`) writes three graphs with torch.onnx's TorchScript exporter, the layout of
+onnxruntime-genai's vision models (Phi-3-vision): `vision.onnx` (pixel_values -> image_embeds: vision tower
+and connector in one graph), `embed.onnx` (input_ids -> inputs_embeds) and `decoder.onnx` (inputs_embeds,
+attention_mask, position_ids and `past_key_values.{i}.key/value` -> logits and `present.{i}.key/value`,
+batch and sequence dynamic). Beside them: the tokenizer, the image processor's config and
+`tinyml_onnx.json`, all that `edge.runner` needs to run the model without torch.
+
+optimum's exporters pin transformers < 4.58 and do not run here; transformers 5's own `exporters` go through
+the dynamo exporter and onnxscript (not a dependency). The TorchScript exporter traces the decoder with a
+`DynamicCache` built from the flat past tensors, which is all the glue a KV-cache graph needs.
+
+hf-llava (`--format hf-llava`) writes a `LlavaForConditionalGeneration` checkpoint (MLP connectors only:
+LLaVA's projector is Linear-act-Linear) that transformers loads with logits equal to tinyml's model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import UserError
+from ..edge.runner import META as ONNX_META
+from ..edge.runner import onnx_sizes
+
+OPSET = 17
+
+
+def load_merged(model_dir: str | Path, dtype=torch.float32):
+    """A tinyml model with any LoRA / DoRA / IA3 adapter merged into its parts, in eval mode."""
+    from .model import load_model
+    model = load_model(model_dir, dtype=dtype)
+    if model.peft_parts():
+        if getattr(model.base_llm(), "is_loaded_in_4bit", False):
+            raise UserError(f"{model_dir}: the LLM base is 4-bit (a QLoRA run); export needs a full-precision base")
+        model.merge_adapters()
+    return model.eval()
+
+
+class _ImageEncoder(nn.Module):
+    """pixel_values -> image_embeds (the vision tower's chosen layer through the connector)."""
+
+    def __init__(self, lmm):
+        super().__init__()
+        self.lmm = lmm
+
+    def forward(self, pixel_values):
+        return self.lmm.encode_images(pixel_values)
+
+
+class _PatchMatMul(nn.Module):
+    """A ViT patch embedding (Conv2d with stride = kernel, no padding) as patchify + one matrix product.
+
+    The same function, written as a MatMul so that the int4 quantizer (MatMulNBits) also takes this weight: it is
+    a large share of a small vision tower, and a Conv stays fp32.
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.p, self.out = conv.kernel_size[0], conv.out_channels
+        self.linear = nn.Linear(conv.in_channels * self.p * self.p, self.out, bias=conv.bias is not None)
+        self.linear.weight.data = conv.weight.detach().reshape(self.out, -1).clone()
+        if conv.bias is not None:
+            self.linear.bias.data = conv.bias.detach().clone()
+        self.linear.to(conv.weight.dtype)
+
+    @property
+    def weight(self):  # the embeddings read the conv's dtype from it
+        return self.linear.weight
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        p = self.p
+        x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+        return self.linear(x).reshape(b, h // p, w // p, self.out).permute(0, 3, 1, 2)
+
+
+def _patch_convs_as_matmuls(vision: nn.Module) -> None:
+    for name, mod in list(vision.named_modules()):
+        if (isinstance(mod, nn.Conv2d) and mod.kernel_size == mod.stride and mod.kernel_size[0] == mod.kernel_size[1]
+                and mod.padding in (0, (0, 0), "valid") and mod.groups == 1 and mod.dilation == (1, 1)):
+            parent, _, child = name.rpartition(".")
+            setattr(vision.get_submodule(parent) if parent else vision, child, _PatchMatMul(mod))
+
+
+class _Embed(nn.Module):
+    def __init__(self, embedding):
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, input_ids):
+        return self.embedding(input_ids)
+
+
+class _DecoderStep(nn.Module):
+    """One forward of the LLM on a KV cache given as flat tensors, returning the grown cache the same way."""
+
+    def __init__(self, llm):
+        super().__init__()
+        self.llm, self.layers = llm, llm.config.num_hidden_layers
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+        cache = DynamicCache(config=self.llm.config)
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                       past_key_values=cache, use_cache=True)
+        present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        return (out.logits, *present)
+
+
+def _kv_shape(llm) -> tuple[int, int]:
+    cfg = llm.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return heads, head_dim
+
+
+def _onnx_export(module, args, path: Path, inputs: list[str], outputs: list[str], dynamic: dict) -> None:
+    import warnings
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's tracer warnings are about Python branches it fixed
+        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=dynamic,
+                          opset_version=OPSET, dynamo=False)
+
+
+def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32") -> dict:
+    """Write vision.onnx, embed.onnx, decoder.onnx and what the runner needs; returns the file sizes."""
+    if dtype not in ("fp32", "fp16"):
+        raise UserError(f"--dtype must be fp32 or fp16, got '{dtype}'")
+    tdtype = torch.float32 if dtype == "fp32" else torch.float16
+    model = load_merged(model_dir, dtype=tdtype)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _patch_convs_as_matmuls(model.vision)
+    llm = model.base_llm()
+    proc = model.image_processor
+    size = proc.size
+    h, w = (size["height"], size["width"]) if "height" in size else (proc.crop_size["height"], proc.crop_size["width"])
+
+    _onnx_export(_ImageEncoder(model), (torch.zeros(1, 3, h, w, dtype=tdtype),), out / "vision.onnx",
+                 ["pixel_values"], ["image_embeds"], {"pixel_values": {0: "images"}, "image_embeds": {0: "images"}})
+    _onnx_export(_Embed(llm.get_input_embeddings()), (torch.zeros(1, 2, dtype=torch.long),), out / "embed.onnx",
+                 ["input_ids"], ["inputs_embeds"],
+                 {"input_ids": {0: "batch", 1: "seq"}, "inputs_embeds": {0: "batch", 1: "seq"}})
+
+    layers, (heads, head_dim) = llm.config.num_hidden_layers, _kv_shape(llm)
+    b, s, p = 2, 3, 2  # traced with a non-empty past; the graph also runs with past length 0 (prefill)
+    past = [torch.zeros(b, heads, p, head_dim, dtype=tdtype) for _ in range(2 * layers)]
+    sample = (torch.zeros(b, s, model.spec["llm_dim"], dtype=tdtype), torch.ones(b, p + s, dtype=torch.long),
+              torch.arange(p, p + s).expand(b, -1), *past)
+    past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    present_names = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    dynamic = {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
+               "position_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"},
+               **{n: {0: "batch", 2: "past"} for n in past_names}, **{n: {0: "batch", 2: "total"} for n in present_names}}
+    _onnx_export(_DecoderStep(llm), sample, out / "decoder.onnx",
+                 ["inputs_embeds", "attention_mask", "position_ids", *past_names], ["logits", *present_names], dynamic)
+
+    tok = model.tokenizer
+    tok.save_pretrained(out)
+    proc.save_pretrained(out)
+    meta = {"format": "tinyml-onnx/1", "dtype": dtype, "quantization": None,
+            "files": {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"},
+            "num_image_tokens": model.num_image_tokens, "image_token_id": model.image_token_id,
+            "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "num_layers": layers,
+            "kv_heads": heads, "head_dim": head_dim, "hidden_size": model.spec["llm_dim"],
+            "source": str(model_dir)}
+    (out / ONNX_META).write_text(json.dumps(meta, indent=2))
+    return onnx_sizes(out)
+
+
+def export_hf_llava(model_dir: str | Path, out: str | Path) -> dict:
+    """A transformers `LlavaForConditionalGeneration` folder (weights, tokenizer, image processor, processor)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    model = load_merged(model_dir)
+    spec = model.spec
+    if spec["connector"] not in ("linear", "mlp2x_gelu"):
+        raise UserError(f"--format hf-llava needs an MLP connector (linear or mlp2x_gelu), not {spec['connector']}")
+    llm = model.base_llm()
+    out = Path(out)
+    cls_token = model.vision.config.model_type.startswith("clip")  # CLIP's CLS token is dropped ("default")
+    cfg = LlavaConfig(vision_config=model.vision.config.to_dict(), text_config=llm.config.to_dict(),
+                      image_token_index=model.image_token_id, image_seq_length=model.num_image_tokens,
+                      projector_hidden_act="gelu" if spec["connector"] == "mlp2x_gelu" else "linear",
+                      vision_feature_select_strategy="default" if cls_token else "full",
+                      vision_feature_layer=spec["vision_feature_layer"], multimodal_projector_bias=True,
+                      tie_word_embeddings=llm.config.tie_word_embeddings)
+    llava = LlavaForConditionalGeneration(cfg).eval()
+    proj = model.connector.proj
+    first, second = proj[0], (proj[2] if len(proj) > 1 else None)
+    if second is None:  # linear connector: LLaVA's second projection is the identity, its activation "linear"
+        second = nn.Linear(first.out_features, first.out_features)
+        nn.init.eye_(second.weight), nn.init.zeros_(second.bias)
+    state = {f"model.vision_tower.{k}": v for k, v in model.vision.state_dict().items()}
+    state |= {f"model.multi_modal_projector.linear_1.{k}": v for k, v in first.state_dict().items()}
+    state |= {f"model.multi_modal_projector.linear_2.{k}": v for k, v in second.state_dict().items()}
+    state |= {f"model.language_model.{k}": v for k, v in llm.get_decoder().state_dict().items()}
+    state |= {f"lm_head.{k}": v for k, v in llm.get_output_embeddings().state_dict().items()}
+    missing, unexpected = llava.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (cfg.tie_word_embeddings and k.startswith("lm_head"))]
+    if missing or unexpected:
+        raise RuntimeError(f"LLaVA weights do not map: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    llava.save_pretrained(out)
+    model.tokenizer.save_pretrained(out)
+    model.image_processor.save_pretrained(out)
+    return {"bytes": sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")}
+
+
+def llava_max_logit_diff(model_dir: str | Path, llava_dir: str | Path, examples: list) -> float:
+    """Largest |logit| difference between tinyml's model and the LLaVA checkpoint on encoded prompts."""
+    from transformers import LlavaForConditionalGeneration
+
+    from .batching import Collator, ImageLoader
+    model = load_merged(model_dir)
+    llava = LlavaForConditionalGeneration.from_pretrained(str(llava_dir), dtype=torch.float32).eval()
+    batch = Collator(model.tokenizer.pad_token_id, ImageLoader(model.image_processor))(examples)
+    with torch.no_grad():
+        ours = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"))
+        theirs = llava(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch.get("pixel_values")).logits
+    keep = batch["attention_mask"].bool()
+    return float((ours - theirs).abs()[keep].max())

@@ -1,0 +1,296 @@
+"""One training loop for every objective, on accelerate: devices, mixed precision, multi-process, resume.
+
+An objective plugs in as a batch source and a step function. The source says how many optimizer steps the run
+has and yields its micro-batches (`ExampleBatches`: encoded records in a seeded order; PPO: its rollouts); the
+`step_fn(model, batch) -> (loss, n_tokens, metrics)` gives a loss that is a mean over n_tokens units.
+A checkpoint holds the source's state too, so a run resumed from it sees exactly the batches an uninterrupted
+run would.
+Checkpoints (trainable weights, optimizer, scheduler, RNG, step) are written to a temporary folder and
+renamed into place, so a half-written one is never taken as the latest.
+With `train.optimizer_in_backward` each weight takes its AdamW step inside the backward pass (see
+`step_in_backward`), so gradients of the whole model never exist at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .. import UserError
+
+CKPT_DIR = "checkpoints"
+
+
+def mixed_precision(name: str) -> str:
+    if name == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return name
+
+
+def process_state():
+    """accelerate's view of the processes of this run (one, or several under torchrun / accelerate launch).
+
+    On a machine without a GPU accelerate takes several processes for a multi-CPU (gloo) run only when told
+    `cpu=True`; otherwise each process would train alone on its shard and all would write the same files.
+    """
+    from accelerate import PartialState
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def micro_batches(n_examples: int, batch_size: int, world: int, rank: int, seed: int):
+    """Endless (epoch, indices) per micro-batch: each global batch of batch_size*world is split by rank."""
+    epoch = 0
+    while True:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        perm = torch.randperm(n_examples, generator=g).tolist()
+        gb = batch_size * world
+        for i in range(0, n_examples - gb + 1 if n_examples >= gb else 1, gb):
+            chunk = perm[i:i + gb]
+            yield epoch, chunk[rank::world] or chunk[:batch_size]
+        epoch += 1
+
+
+class ExampleBatches:
+    """The batch source of supervised and preference objectives: records in a seeded permutation per epoch, each
+    global batch of batch_size x processes split by rank, collated one micro-batch at a time."""
+
+    def __init__(self, examples: list, collate):
+        self.examples, self.collate, self.done = examples, collate, 0
+
+    def steps(self, tcfg, world: int) -> int:
+        return total_steps(tcfg, len(self.examples), world)
+
+    def batches(self, acc, tcfg, model):
+        order = micro_batches(len(self.examples), tcfg.batch_size, acc.num_processes, acc.process_index, tcfg.seed)
+        for _ in range(self.done):  # fast-forward the data order to where the run stopped
+            next(order)
+        for epoch, idx in order:
+            self.done += 1
+            yield {"epoch": epoch}, self.collate([self.examples[i] for i in idx])
+
+    def state_dict(self) -> dict:
+        return {"done": self.done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.done = state["done"]
+
+
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def trainable_state(model) -> dict:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out_dir: Path, step: int, model, opt, sched, keep_last: int, source=None) -> Path:
+    from safetensors.torch import save_file
+    root = out_dir / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
+                    "source": source.state_dict() if source is not None else {}}, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write checkpoint at step {step} ({e.strerror or e}); "
+                        f"the previous checkpoint is intact") from None
+    for old in sorted(root.glob("step-*"))[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    done = [p for p in sorted((out_dir / CKPT_DIR).glob("step-*")) if (p / "meta.json").is_file()]
+    return done[-1] if done else None
+
+
+def load_checkpoint(ckpt: Path, model, opt, sched, source=None) -> int:
+    from safetensors.torch import load_file
+    state = load_file(str(ckpt / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, v in state.items():
+            params[n].copy_(v)
+    st = torch.load(ckpt / "state.pt", weights_only=True)
+    opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    _set_rng_state(st["rng"])
+    if source is not None:
+        source.load_state_dict(st["source"])
+    return json.loads((ckpt / "meta.json").read_text())["step"]
+
+
+def step_in_backward(params: list, opt) -> list:
+    """Optimizer-in-backward (torchtune's name for it): a weight takes its optimizer step as soon as its gradient
+    is complete, and the gradient is dropped at once, so no full set of gradients is ever held.
+
+    One optimizer over all weights is kept, so the scheduler and checkpoints are unchanged: `opt.step()` updates
+    only weights that hold a gradient, and inside this hook that is the one weight whose gradient just finished.
+    Returns the hook handles.
+    """
+    def hook(p):
+        opt.step()
+        p.grad = None
+    return [p.register_post_accumulate_grad_hook(hook) for p in params]
+
+
+def total_steps(tcfg, n_examples: int, world: int = 1) -> int:
+    if tcfg.max_steps > 0:
+        return tcfg.max_steps
+    per_step = tcfg.batch_size * tcfg.grad_accum * world
+    return max(1, math.ceil(tcfg.epochs * n_examples / per_step))
+
+
+def optimizer(params, tcfg):
+    """train.optimizer: torch's AdamW, or bitsandbytes' 8-bit AdamW (blockwise-quantized states), paged or not."""
+    kw = {"lr": tcfg.lr, "weight_decay": tcfg.weight_decay}
+    if tcfg.optimizer == "adamw":
+        # torch's fused AdamW (one kernel per weight, CPU and CUDA) is faster than its per-op loop, same update
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        return torch.optim.AdamW(params, fused=fused, **kw)
+    import bitsandbytes as bnb
+    return (bnb.optim.PagedAdamW8bit if tcfg.optimizer.startswith("paged") else bnb.optim.AdamW8bit)(params, **kw)
+
+
+def sft_step(model, batch):
+    """The next-token objective (sft, pretrain-align): the model's mean loss over labelled tokens."""
+    loss = model(**batch)
+    return loss, int((batch["labels"][:, 1:] != -100).sum()), {}
+
+
+def train(model, source, step_fn, tcfg, out_dir: Path, resume: bool = False, progress=None,
+          accelerator=None) -> dict:
+    """Run the optimizer loop over a batch source (e.g. `ExampleBatches`); returns figures (losses, steps,
+    tokens/s, seconds). Metrics a batch carries under "metrics" (a source's own, e.g. PPO's rollout statistics)
+    are logged beside the step's."""
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    from . import tracking
+    report_to = tracking.trackers(tcfg.report_to)
+    acc = accelerator or Accelerator(mixed_precision=mixed_precision(tcfg.mixed_precision),
+                                     cpu=not torch.cuda.is_available(),  # see process_state
+                                     log_with=report_to or None, project_dir=out_dir)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("nothing to train: the recipe leaves every parameter frozen")
+    in_backward = tcfg.optimizer_in_backward
+    if in_backward and acc.num_processes > 1:  # the rest of what it needs is checked when the recipe loads
+        raise UserError("train.optimizer_in_backward needs one process (gradients are averaged across processes "
+                        "after the backward pass)")
+    opt = optimizer(params, tcfg)
+    hooks = step_in_backward(params, opt) if in_backward else []
+    steps = source.steps(tcfg, acc.num_processes)
+    sched = get_scheduler(tcfg.scheduler if tcfg.scheduler != "constant" else "constant_with_warmup", opt,
+                          num_warmup_steps=int(tcfg.warmup_ratio * steps), num_training_steps=steps)
+    model, opt = acc.prepare(model, opt)
+    start = 0
+    if resume:
+        ckpt = latest_checkpoint(out_dir)
+        if ckpt is None:
+            raise UserError(f"--resume: no checkpoint in {out_dir / CKPT_DIR}")
+        start = load_checkpoint(ckpt, acc.unwrap_model(model), opt, sched, source)
+    else:
+        torch.manual_seed(tcfg.seed)
+        random.seed(tcfg.seed)
+    batches = source.batches(acc, tcfg, acc.unwrap_model(model))
+
+    tracking.start(acc, report_to, tcfg, out_dir)
+    model.train()
+    log = open(out_dir / "metrics.jsonl", "a" if resume else "w", encoding="utf-8") if acc.is_main_process else None
+    losses, tokens, t0 = [], 0, time.time()
+    last_metrics = {}
+    for step in range(start, steps):
+        step_loss, step_metrics, source_metrics = 0.0, {}, {}
+        for micro in range(tcfg.grad_accum):
+            info, batch = next(batches)
+            source_metrics = info
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            ctx = acc.no_sync(model) if micro < tcfg.grad_accum - 1 else contextlib.nullcontext()
+            with ctx, acc.autocast():
+                loss, n_tok, metrics = step_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}")
+            share = 1.0
+            if acc.num_processes > 1:
+                # DDP averages gradients over processes; weighting each process's mean by its share of the
+                # global token count makes that average the gradient of the global per-token mean, so several
+                # processes follow one process's run whatever the padding and labels of each shard.
+                global_tok = acc.reduce(torch.tensor(float(n_tok), device=acc.device), reduction="sum").item()
+                share = n_tok * acc.num_processes / max(global_tok, 1.0)
+                tokens += int(global_tok)
+            else:
+                tokens += int(n_tok)
+            acc.backward(loss * share / tcfg.grad_accum)
+            step_loss += loss.item() * share / tcfg.grad_accum
+            for k, v in metrics.items():
+                step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / tcfg.grad_accum
+        grad_norm = acc.clip_grad_norm_(params, tcfg.max_grad_norm) if tcfg.max_grad_norm > 0 else None
+        if not in_backward:  # else every weight has taken its step during the backward pass
+            opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if acc.num_processes > 1:  # log the loss of the global batch, not of this process's shard
+            step_loss = acc.reduce(torch.tensor(step_loss, device=acc.device), reduction="mean").item()
+        losses.append(step_loss)
+        tps = tokens / max(time.time() - t0, 1e-9)
+        last_metrics = {"step": step + 1, **source_metrics, "loss": step_loss, "lr": sched.get_last_lr()[0],
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                        "tokens_per_s": tps, **step_metrics}
+        if (step + 1) % tcfg.log_every == 0 or step + 1 == steps or step == start:
+            if log:
+                log.write(json.dumps(last_metrics) + "\n")
+                log.flush()
+            tracking.log(acc, report_to, last_metrics)
+        if progress:
+            progress(step + 1, steps, step_loss, tps)
+        if tcfg.save_every and (step + 1) % tcfg.save_every == 0 and step + 1 < steps and acc.is_main_process:
+            save_checkpoint(out_dir, step + 1, acc.unwrap_model(model), opt, sched, tcfg.keep_last, source)
+    for h in hooks:
+        h.remove()
+    if log:
+        log.close()
+    if report_to:
+        acc.end_training()
+    seconds = time.time() - t0
+    return {"steps": steps, "resumed_from": start, "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None, "tokens_per_s": tokens / max(seconds, 1e-9),
+            "train_seconds": seconds, **{k: v for k, v in last_metrics.items() if k not in ("step", "epoch", "loss")}}
+
+
+@contextlib.contextmanager
+def processes():
+    """The processes of a training run (one, or several under torchrun / accelerate launch): yields accelerate's
+    state; rank 0 writes the outputs while the others wait for it, then the process group is torn down (a gloo /
+    NCCL group left alive at interpreter exit can abort the process)."""
+    state = process_state()
+    try:
+        yield state
+        state.wait_for_everyone()
+    finally:
+        state.destroy_process_group()

@@ -1,0 +1,147 @@
+"""Data sources: JSON / JSONL files, parquet files and folders, `datasets` folders and hub ids; column mapping.
+
+Tables are read through `datasets` / pyarrow (the `datasets` extra) in arrow form, so image columns arrive as
+`{"bytes", "path"}` structs, never decoded here. A hub id is `owner/name` or `owner/name:split` (split train by
+default), looked up only when HF_HUB_OFFLINE is not set.
+"""
+
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .. import UserError
+
+TABLE_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk leaves
+
+
+def _need_datasets():
+    try:
+        import datasets
+        return datasets
+    except ImportError:
+        raise UserError("parquet, `datasets` folders and hub ids need the datasets extra: "
+                        "pip install 'tinyml-cli[datasets]'") from None
+
+
+def is_hub_id(source: str) -> bool:
+    name = source.split(":", 1)[0]
+    return (name.count("/") == 1 and not name.startswith((".", "/")) and not Path(name).suffix
+            and not Path(name).exists())
+
+
+def is_table(source: str | Path) -> bool:
+    """A parquet file, a folder of parquet files or a save_to_disk folder (JSON / JSONL files are not)."""
+    p = Path(source)
+    if p.is_file():
+        return p.suffix == ".parquet"
+    return p.is_dir()
+
+
+def _split(ds, source: str, split: str | None):
+    """One split of a DatasetDict (train unless named), a Dataset as it is."""
+    if not hasattr(ds, "keys"):
+        return ds
+    want = split or ("train" if "train" in ds else next(iter(ds)) if len(ds) == 1 else None)
+    if want not in ds:
+        raise UserError(f"{source}: no split '{want}' (splits: {', '.join(ds)})")
+    return ds[want]
+
+
+def table_records(source: str | Path) -> list[tuple[int, dict]]:
+    """(row number from 1, record) pairs of a parquet file / folder, a save_to_disk folder or a hub id."""
+    datasets = _need_datasets()
+    src = str(source)
+    p = Path(src)
+    if p.is_dir() and any((p / m).is_file() for m in TABLE_MARKERS):
+        ds = _split(datasets.load_from_disk(src), src, None)
+    elif p.is_dir() or p.suffix == ".parquet":
+        files = [p] if p.is_file() else sorted(p.rglob("*.parquet"))
+        if not files:
+            raise UserError(f"{p}: no parquet file and no `datasets` folder (save_to_disk) here")
+        ds = datasets.Dataset.from_parquet([str(f) for f in files])
+    else:  # a hub id
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+            raise UserError(f"data file not found: {src} (HF_HUB_OFFLINE is set, so it is not looked up on the hub)")
+        name, _, split = src.partition(":")
+        try:
+            ds = _split(datasets.load_dataset(name, split=split or "train"), src, split or None)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"cannot load data set {src}: {e}") from None
+    table = ds.with_format("arrow")[:]  # arrow rows keep image columns as {"bytes", "path"}, undecoded
+    return list(enumerate(table.to_pylist(), 1))
+
+
+def rename_columns(record, columns: dict) -> dict:
+    """Apply a recipe's `data.columns` ({tinyml field: column of the data set}) to one record."""
+    if not columns or not isinstance(record, dict):
+        return record
+    out = {k: v for k, v in record.items() if k not in columns.values()}
+    for field, column in columns.items():
+        if column in record:
+            out[field] = record[column]
+    return out
+
+
+def read_records(path: str | Path) -> list[tuple[int, dict | ValueError]]:
+    """(line or index, record) pairs from a JSON list or a JSONL file; a broken JSONL line is a ValueError."""
+    if is_table(path) or is_hub_id(str(path)):
+        return table_records(path)
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"data file not found: {p}")
+    raw = p.read_bytes()
+    if p.suffix == ".json" or raw.lstrip()[:1] == b"[":
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise UserError(f"{p}: not UTF-8 text at line {line}") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{p}: malformed JSON at line {e.lineno}: {e.msg}") from None
+        if not isinstance(data, list):
+            raise UserError(f"{p}: a JSON data file must hold a list of records")
+        return list(enumerate(data, 1))
+    out = []
+    for i, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((i, json.loads(line.decode("utf-8"))))
+        except UnicodeDecodeError:
+            out.append((i, ValueError("not UTF-8 text")))
+        except json.JSONDecodeError as e:
+            out.append((i, ValueError(f"malformed JSON: {e.msg}")))
+    return out
+
+
+def _where(p: Path, line: int) -> str:
+    if p.suffix == ".jsonl" or (p.is_file() and p.suffix not in (".json", ".parquet")):
+        return f"{p}:{line}"
+    return f"{p} record {line}" if p.suffix == ".json" else f"{p} row {line}"
+
+
+def parse_all(path: str | Path, parse, on_error: str = "fail", columns: dict | None = None,
+              what: str = "record") -> tuple[list, list[str]]:
+    """`parse(record) -> item` over every record of a data source (columns renamed by `data.columns`); a
+    record that raises ValueError fails the whole load naming it, or with on_error=skip is listed and left out.
+    Each item's `meta["where"]` names its record."""
+    p = Path(path)
+    items, skipped = [], []
+    for line, rec in read_records(path):
+        try:
+            if isinstance(rec, ValueError):
+                raise rec
+            item = parse(rename_columns(rec, columns))
+        except ValueError as e:
+            if on_error == "fail":
+                raise UserError(f"{_where(p, line)}: {e}") from None
+            skipped.append(f"{_where(p, line)}: {e}")
+            continue
+        item.meta["where"] = _where(p, line)
+        items.append(item)
+    if not items:
+        raise UserError(f"{p}: no usable {what}")
+    return items, skipped

@@ -1,0 +1,47 @@
+"""pretrain-align and sft: supervised training of the parts a recipe names, on image conversations.
+
+pretrain-align is stage 1 of the LLaVA / TinyLLaVA "base" recipe (connector only, on captions); sft is
+stage 2 (multi-turn conversations, loss on assistant tokens only), full, freeze or a peft method.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .. import UserError
+from ..config import RunConfig, save_config
+from ..core.loop import sft_step
+
+
+def run_sft(cfg: RunConfig, out_dir: str | Path, command: str, resume: bool = False, progress=None) -> dict:
+    """Setup -> loop -> save for pretrain-align / sft; returns the JSON summary."""
+    from ..core.batching import Collator, ImageLoader
+    from ..core.loop import ExampleBatches, process_state, train
+    from ..core.model import count_params
+    from ..core.trainable import setup_model
+    from ..records.conversations import load_examples
+    from ..records.encoder import encoder_for
+
+    t0 = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not cfg.data.train:
+        raise UserError("data.train is not set (a LLaVA-format JSON / JSONL file)")
+    model = setup_model(cfg)
+    examples, skipped = load_examples(cfg.data.train, encoder_for(model, cfg.data), cfg.data.on_error,
+                                      columns=cfg.data.columns)
+    collate = Collator(model.tokenizer.pad_token_id, ImageLoader(model.image_processor))
+    main_process = process_state().is_main_process  # with several processes, one writes the outputs
+    if main_process:
+        save_config(cfg, out, {"command": command})
+    trainable, total = count_params(model)
+    stats = train(model, ExampleBatches(examples, collate), sft_step, cfg.train, out, resume=resume, progress=progress)
+    if main_process:
+        model.save(out)
+    metrics = {**stats, "examples": len(examples), "skipped": len(skipped), "seconds": time.time() - t0}
+    if skipped and main_process:
+        (out / "skipped.txt").write_text("\n".join(skipped) + "\n")
+    artifacts = {"model": str(out), "config": str(out / "config.yaml"), "metrics": str(out / "metrics.jsonl")}
+    return {"command": command, "output_dir": str(out), "metrics": metrics, "artifacts": artifacts,
+            "trainable_params": trainable, "total_params": total}
