@@ -11,8 +11,8 @@ the vision tower and the connector, because the tiny default's Llama has none. L
 (LR below), each a usual value for the method, not tuned here.
 
 Peak memory is the largest total size of the tensors alive at once during a few training steps (weights,
-gradients, optimizer state, activations), counted by a TorchDispatchMode that sees every tensor an operation
-makes or uses and lets go of it when its storage is freed. It is not the process RSS (which adds the Python
+gradients, optimizer state, activations), counted by the package's meter (`core.memory.PeakTensorMemory`, which
+sees every tensor an operation makes or uses and lets go of it when its storage is freed). It is not the process RSS (which adds the Python
 and library footprint and the allocator's caching), and it runs as a separate short run, since the tracking
 slows the operations down; step time comes from the untracked run.
 """
@@ -20,17 +20,13 @@ slows the operations down; step time comes from the untracked run.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 METHODS = ["full", "freeze", "lora", "dora", "qlora", "ia3", "bitfit", "adapter", "prompt-tuning", "prefix-tuning"]
 LR = {"full": 1e-3, "freeze": 1e-3, "lora": 3e-3, "dora": 3e-3, "qlora": 3e-3, "ia3": 1e-2, "bitfit": 3e-3,
@@ -38,44 +34,11 @@ LR = {"full": 1e-3, "freeze": 1e-3, "lora": 3e-3, "dora": 3e-3, "qlora": 3e-3, "
 SETS = {"full": [], "freeze": ["train.parts=[connector,llm]"], "bitfit": ["peft.parts=[vision,connector]"]}
 
 
-class TensorMemory(TorchDispatchMode):
-    """Live and peak bytes of the tensor storages the operations under it make or use."""
-
-    def __init__(self, tensors=()):
-        super().__init__()
-        self.live, self.now, self.peak = {}, 0, 0
-        for t in tensors:
-            self._add(t)
-
-    def _free(self, key):
-        self.now -= self.live.pop(key, 0)
-
-    def _add(self, t):
-        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-            return
-        try:
-            st = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. some subclasses)
-            return
-        key = (st.device, st.data_ptr())
-        if key in self.live or st.nbytes() == 0:
-            return
-        self.live[key] = st.nbytes()
-        self.now += st.nbytes()
-        self.peak = max(self.peak, self.now)
-        weakref.finalize(st, self._free, key)  # torch keeps one Python object per storage, dying with it
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten((args, kwargs, out))[0]:
-            self._add(t)
-        return out
-
-
 def peak_training_memory(cfg, out: Path, steps: int = 3) -> int:
     """Peak tensor bytes of a few sft steps of this recipe (model loaded first, then measured)."""
     from tinyml_cli.core.batching import Collator, ImageLoader
     from tinyml_cli.core.loop import ExampleBatches, sft_step, train
+    from tinyml_cli.core.memory import PeakTensorMemory
     from tinyml_cli.core.model import build_model
     from tinyml_cli.core.trainable import configure_trainable, quantization_config
     from tinyml_cli.records.conversations import load_examples
@@ -90,7 +53,7 @@ def peak_training_memory(cfg, out: Path, steps: int = 3) -> int:
     collate = Collator(model.tokenizer.pad_token_id, ImageLoader(model.image_processor))
     collate(examples[:1])  # warm the image processor outside the measurement
     out.mkdir(parents=True, exist_ok=True)
-    with TensorMemory(itertools.chain(model.parameters(), model.buffers())) as mem:
+    with PeakTensorMemory(model, inputs=True) as mem:
         train(model, ExampleBatches(examples, collate), sft_step, cfg.train, out)
     return mem.peak
 
