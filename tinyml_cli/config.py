@@ -62,7 +62,8 @@ class TrainConfig:
     max_steps: int = _f(0, "optimizer steps (0: run train.epochs)")
     epochs: float = _f(1.0, "passes over the data when max_steps is 0")
     batch_size: int = _f(8, "records per micro-batch (per device)")
-    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    grad_accum: int = _f(1, "micro-batches per optimizer step; the step's loss is the mean over all their labelled tokens "
+                                "(pairs for reward / dpo), as one batch of them would give")
     lr: float = _f(1e-3, "peak learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = _f("adamw", "adamw (torch), or bitsandbytes' 8-bit AdamW (paged: states live in CUDA "

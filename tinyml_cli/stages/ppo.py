@@ -146,7 +146,8 @@ def ppo_step(pc):
         lp, ent, values = model(**b)
         pg, frac = ppo_policy_loss(lp, b["old_lp"], b["adv"], b["mask"], pc.clip)
         vf = ppo_value_loss(values, b["old_values"], b["returns"], b["mask"], pc.value_clip)
-        return pg + pc.vf_coef * vf, len(lp), {"pg_loss": pg.item(), "vf_loss": vf.item(), "clip_frac": float(frac),
+        # both losses are means over the minibatch's response tokens: those are its units
+        return pg + pc.vf_coef * vf, int(b["mask"].sum()), {"pg_loss": pg.item(), "vf_loss": vf.item(), "clip_frac": float(frac),
                                                 "entropy": masked_mean(ent, b["mask"]).item()}
     return step
 
