@@ -76,6 +76,10 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _f("auto", "autocast precision (auto: bf16 where the GPU supports it)")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     seed: int = _f(0, "seed for weights init, data order and dropout")
+    dropout: Literal["auto", "off", "on"] = _f(
+        "auto", "dropout while training (peft.dropout and the models' own); off: every dropout probability 0 in the policy "
+                "and the reference; auto: off for reward, dpo and ppo (as TRL: their log-prob ratios compare against "
+                "eval-mode forwards) and BitDelta distillation, on for pretrain-align and sft")
     save_every: int = _f(0, "write a resumable checkpoint every N steps (0: only the final model)")
     keep_last: int = _f(2, "checkpoints kept")
     log_every: int = _f(10, "steps between metrics.jsonl lines")
@@ -191,6 +195,8 @@ def _coerce(key: str, value, kind):
     """Check a value against the key's declared type; ints are accepted for floats, choices against their values."""
     origin = typing.get_origin(kind)
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(typing.get_args(kind)):
+            value = "on" if value else "off"  # YAML 1.1 reads on / off as booleans
         if not isinstance(value, str):
             raise UserError(f"{key} must be one of {', '.join(typing.get_args(kind))}, got {value!r}")
         return _choice(key, value, typing.get_args(kind))

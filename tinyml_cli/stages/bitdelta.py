@@ -51,6 +51,7 @@ def run_compress(cfg, base_dir: str | Path, finetuned_dir: str | Path, out_dir: 
     from ..core.generation import evaluate_model
     from ..core.loop import ExampleBatches, train
     from ..core.model import resolve_dtype
+    from ..core.trainable import disable_dropout
     from ..records.conversations import load_examples
     from ..records.encoder import encoder_for
 
@@ -74,6 +75,8 @@ def run_compress(cfg, base_dir: str | Path, finetuned_dir: str | Path, out_dir: 
     collate = Collator(base.tokenizer.pad_token_id, ImageLoader(base.image_processor))
     teacher.requires_grad_(False).eval()
     base.requires_grad_(False)
+    if cfg.train.dropout != "on":  # the student trains to match an eval-mode teacher: no dropout in it either
+        disable_dropout(base)
     metrics = {}
     with delta_attached(base, delta) as wrappers:  # `base` now computes base + scale·sign(Δ)
         if held_out:

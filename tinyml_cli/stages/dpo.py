@@ -76,7 +76,7 @@ def run_dpo(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress=
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.data.train:
         raise UserError("data.train is not set (a preference JSONL: image, prompt, chosen, rejected)")
-    model = setup_model(cfg)
+    model = setup_model(cfg, dropout="off")
     enc = encoder_for(model, cfg.data)
     pairs, skipped = load_pairs(cfg.data.train, enc, cfg.data.on_error, cfg.data.columns)
     held_out = load_pairs(cfg.data.eval, enc, cfg.data.on_error, cfg.data.columns)[0] if cfg.data.eval else []
