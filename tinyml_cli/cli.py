@@ -268,8 +268,8 @@ def data_validate(file: Path = typer.Argument(..., help="A data set: JSON / JSON
                   config: Config = None, set_: Sets = None, json_mode: Json = False):
     """Report every problem of a data set at once; exit 2 if there is any.
 
-    Records, fields, images (fully decoded) and placeholders are checked; with model.llm and model.vision
-    (or model.init_from) set, token lengths and truncation are checked too.
+    Records (conversations or preference pairs), fields, images (fully decoded) and placeholders are checked;
+    with model.llm and model.vision (or model.init_from) set, token lengths and truncation are checked too.
 
     Example: tinyml data validate runs/shapes/train.jsonl -c tiny_sft
     """
