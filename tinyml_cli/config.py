@@ -114,7 +114,9 @@ class GenConfig:
 @dataclass
 class PrefConfig:
     beta: float = _f(0.1, "dpo: strength of the pull towards the reference (higher: stay closer)")
-    loss_type: Literal["sigmoid", "ipo"] = _f("sigmoid", "dpo: sigmoid (DPO) or ipo (IPO)")
+    loss_type: Literal["sigmoid", "ipo", "ipo_norm"] = _f(
+        "sigmoid", "dpo: sigmoid (DPO); ipo (IPO on summed response log-probs); ipo_norm (IPO on per-token mean "
+                   "log-probs, TRL's ipo: the 1/(2 beta) target then holds per token, not per response)")
     label_smoothing: float = _f(0.0, "dpo: conservative DPO, the assumed share of flipped labels (0: plain DPO)")
     rpo_alpha: float = _f(0.0, "dpo: weight of the chosen answer's per-token NLL added to the loss (RPO; 0: none)")
     precompute_ref: bool = _f(True, "dpo: reference log-probs once before training (no reference model in memory)")
@@ -142,6 +144,12 @@ class PPOConfig:
 
 
 @dataclass
+class BitDeltaConfig:
+    loss: Literal["mse", "kl"] = _f("mse", "scale distillation objective on the logits of every real position: mse (the "
+                                           "paper's mean squared error) or kl (KL(fine-tuned || compressed))")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -150,6 +158,7 @@ class RunConfig:
     gen: GenConfig = field(default_factory=GenConfig)
     pref: PrefConfig = field(default_factory=PrefConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    bitdelta: BitDeltaConfig = field(default_factory=BitDeltaConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

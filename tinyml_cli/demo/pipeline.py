@@ -248,5 +248,7 @@ def bitdelta_demo_metrics(base_dir, finetuned_dir, train_file, eval_file, out_di
     m = run_compress(cfg, base_dir, finetuned_dir, out_dir, progress=progress)["metrics"]
     return {"vqa_accuracy_bitdelta_finetuned": m["vqa_accuracy_finetuned"], "bitdelta_ratio": m["ratio"], "bitdelta_ratio_total": m["ratio_total"],
             "bitdelta_kl_initial": m["kl_initial"], "bitdelta_kl_distilled": m["kl_distilled"],
+            "bitdelta_top1_agreement_initial": m["top1_agreement_initial"],
+            "bitdelta_top1_agreement_distilled": m["top1_agreement_distilled"],
             "vqa_accuracy_bitdelta_initial": m["vqa_accuracy_initial"],
             "vqa_accuracy_bitdelta": m["vqa_accuracy_distilled"]}
