@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 COMMANDS = ["pretrain-align", "sft", "eval", "generate", "demo", "build-tiny", "data synth-shapes", "merge", "estimate",
             "export", "quantize", "bitdelta compress", "bitdelta apply", "reward", "reward score", "dpo", "ppo",
@@ -134,10 +135,16 @@ def test_pipeline_commands_end_to_end(tiny, shapes, tmp_path):
 
 @pytest.mark.slow
 def test_demo_quick_reports_the_contract_metrics(tmp_path):
-    r = tinyml("demo", "--quick", "--json", "-o", tmp_path / "demo")
+    r = tinyml("demo", "--quick", "--json", "--seed", "2", "-o", tmp_path / "demo")
     assert r.returncode == 0, r.stderr
     out = one_json(r.stdout)
     m = out["metrics"]
+    assert m["seed"] == 2  # --seed drives the data and every training run
+    for run in ("align", "sft"):
+        assert yaml.safe_load((tmp_path / "demo" / run / "config.yaml").read_text())["train"]["seed"] == 2
+    from tinyml_cli.demo.synth import synth_shapes
+    synth_shapes(tmp_path / "seed2", n=48, n_eval=4, seed=2)
+    assert (tmp_path / "seed2" / "train.jsonl").read_text() == (tmp_path / "demo" / "shapes" / "train.jsonl").read_text()
     for k in ["vqa_accuracy_before", "vqa_accuracy_after", "vqa_accuracy_by_type", "pope_f1_after", "seconds"]:
         assert k in m, k
     assert set(m["vqa_accuracy_by_type"]) == {"color", "shape", "count", "existence", "position"}

@@ -268,8 +268,8 @@ def data_validate(file: Path = typer.Argument(..., help="A data set: JSON / JSON
                   config: Config = None, set_: Sets = None, json_mode: Json = False):
     """Report every problem of a data set at once; exit 2 if there is any.
 
-    Records, fields, images (fully decoded) and placeholders are checked; with model.llm and model.vision
-    (or model.init_from) set, token lengths and truncation are checked too.
+    Records (conversations or preference pairs), fields, images (fully decoded) and placeholders are checked;
+    with model.llm and model.vision (or model.init_from) set, token lengths and truncation are checked too.
 
     Example: tinyml data validate runs/shapes/train.jsonl -c tiny_sft
     """
@@ -287,15 +287,16 @@ def data_validate(file: Path = typer.Argument(..., help="A data set: JSON / JSON
 def demo(output_dir: Path = typer.Option(Path("runs/demo"), "--output-dir", "-o", help="Folder for everything the demo makes."),
          quick: bool = typer.Option(False, "--quick", help="Smoke test: a few steps of every stage (accuracy is meaningless)."),
          full: bool = typer.Option(False, "--full", help="Add the later stages after sft: reward -> dpo -> ppo on hallucination pairs."),
+         seed: int = typer.Option(0, "--seed", help="Seed of the tiny default's pretraining, the synthetic data and every training run."),
          json_mode: Json = False):
     """The whole pipeline on CPU in minutes: tiny default -> data -> pretrain-align -> sft -> eval (--full: -> reward -> dpo -> ppo).
 
-    Example: tinyml demo --json
+    Example: tinyml demo --json --seed 1
     """
     from . import ui
     from .demo.pipeline import run_demo
     ui.quiet_libraries()
-    ui.emit(run_demo(output_dir, ui.console(json_mode), quick=quick, full=full), json_mode)
+    ui.emit(run_demo(output_dir, ui.console(json_mode), quick=quick, full=full, seed=seed), json_mode)
 
 
 @bitdelta_app.command("compress")

@@ -62,7 +62,8 @@ class TrainConfig:
     max_steps: int = _f(0, "optimizer steps (0: run train.epochs)")
     epochs: float = _f(1.0, "passes over the data when max_steps is 0")
     batch_size: int = _f(8, "records per micro-batch (per device)")
-    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    grad_accum: int = _f(1, "micro-batches per optimizer step; the step's loss is the mean over all their labelled tokens "
+                                "(pairs for reward / dpo), as one batch of them would give")
     lr: float = _f(1e-3, "peak learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = _f("adamw", "adamw (torch), or bitsandbytes' 8-bit AdamW (paged: states live in CUDA "
@@ -75,6 +76,10 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _f("auto", "autocast precision (auto: bf16 where the GPU supports it)")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     seed: int = _f(0, "seed for weights init, data order and dropout")
+    dropout: Literal["auto", "off", "on"] = _f(
+        "auto", "dropout while training (peft.dropout and the models' own); off: every dropout probability 0 in the policy "
+                "and the reference; auto: off for reward, dpo and ppo (as TRL: their log-prob ratios compare against "
+                "eval-mode forwards) and BitDelta distillation, on for pretrain-align and sft")
     save_every: int = _f(0, "write a resumable checkpoint every N steps (0: only the final model)")
     keep_last: int = _f(2, "checkpoints kept")
     log_every: int = _f(10, "steps between metrics.jsonl lines")
@@ -109,7 +114,9 @@ class GenConfig:
 @dataclass
 class PrefConfig:
     beta: float = _f(0.1, "dpo: strength of the pull towards the reference (higher: stay closer)")
-    loss_type: Literal["sigmoid", "ipo"] = _f("sigmoid", "dpo: sigmoid (DPO) or ipo (IPO)")
+    loss_type: Literal["sigmoid", "ipo", "ipo_norm"] = _f(
+        "sigmoid", "dpo: sigmoid (DPO); ipo (IPO on summed response log-probs); ipo_norm (IPO on per-token mean "
+                   "log-probs, TRL's ipo: the 1/(2 beta) target then holds per token, not per response)")
     label_smoothing: float = _f(0.0, "dpo: conservative DPO, the assumed share of flipped labels (0: plain DPO)")
     rpo_alpha: float = _f(0.0, "dpo: weight of the chosen answer's per-token NLL added to the loss (RPO; 0: none)")
     precompute_ref: bool = _f(True, "dpo: reference log-probs once before training (no reference model in memory)")
@@ -137,6 +144,12 @@ class PPOConfig:
 
 
 @dataclass
+class BitDeltaConfig:
+    loss: Literal["mse", "kl"] = _f("mse", "scale distillation objective on the logits of every real position: mse (the "
+                                           "paper's mean squared error) or kl (KL(fine-tuned || compressed))")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -145,6 +158,7 @@ class RunConfig:
     gen: GenConfig = field(default_factory=GenConfig)
     pref: PrefConfig = field(default_factory=PrefConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    bitdelta: BitDeltaConfig = field(default_factory=BitDeltaConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -190,6 +204,8 @@ def _coerce(key: str, value, kind):
     """Check a value against the key's declared type; ints are accepted for floats, choices against their values."""
     origin = typing.get_origin(kind)
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(typing.get_args(kind)):
+            value = "on" if value else "off"  # YAML 1.1 reads on / off as booleans
         if not isinstance(value, str):
             raise UserError(f"{key} must be one of {', '.join(typing.get_args(kind))}, got {value!r}")
         return _choice(key, value, typing.get_args(kind))

@@ -65,6 +65,21 @@ def test_dpo_equal_logps_is_log2_and_cdpo_ipo():
         dpo_loss(T([0.0]), T([0.0]), T([0.0]), T([0.0]), loss_type="hinge?")
 
 
+def test_ipo_norm_is_ipo_on_per_token_mean_logps_as_trl():
+    # chosen: 3 tokens, policy -6 -> -2 per token, reference -9 -> -3; rejected: 2 tokens, policy -8 -> -4,
+    # reference -6 -> -3. Per token h = (-2 + 3) - (-4 + 3) = 2; beta 0.5: (2 - 1/(2 * 0.5))^2 = 1
+    args = (T([-6.0]), T([-8.0]), T([-9.0]), T([-6.0]))
+    loss, rc, rr = dpo_loss(*args, beta=0.5, loss_type="ipo_norm", chosen_tokens=T([3.0]), rejected_tokens=T([2.0]))
+    assert loss.item() == pytest.approx(1.0) and rc.item() == pytest.approx(0.5) and rr.item() == pytest.approx(-0.5)
+    # tinyml's ipo on the sums: h = (-6 + 9) - (-8 + 6) = 5, (5 - 1)^2 = 16
+    assert dpo_loss(*args, beta=0.5, loss_type="ipo")[0].item() == pytest.approx(16.0)
+    # gradient on the chosen sum: 2 (h - 1) / |y_w| = 2 / 3, on the rejected one -2 (h - 1) / |y_l| = -1
+    pc, pr = T([-6.0], requires_grad=True), T([-8.0], requires_grad=True)
+    dpo_loss(pc, pr, T([-9.0]), T([-6.0]), beta=0.5, loss_type="ipo_norm", chosen_tokens=T([3.0]),
+             rejected_tokens=T([2.0]))[0].sum().backward()
+    assert pc.grad.item() == pytest.approx(2 / 3) and pr.grad.item() == pytest.approx(-1.0)
+
+
 def test_rpo_adds_the_chosen_per_token_nll():
     # DPO part as above (0.313262); chosen log-prob -1.0 over 2 tokens: NLL 0.5, weighted by alpha 2 -> +1.0
     loss, rc, _ = dpo_loss(T([-1.0]), T([-3.0]), T([-2.0]), T([-2.0]), beta=0.5, rpo_alpha=2.0, chosen_tokens=T([2.0]))

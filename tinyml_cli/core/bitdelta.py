@@ -2,7 +2,8 @@
 
 For every linear weight, Δ = W_ft − W_base is stored as its sign bits (+1 where Δ > 0, −1 elsewhere), packed
 8 per byte, and one scale per matrix, initialised to mean |Δ| (the scale that minimises the L2 error of
-scale·sign(Δ)); `bitdelta_distill` then trains only the scales. Like the paper, embeddings and the output
+scale·sign(Δ)); scale distillation (`distill_step`) then trains only the scales, fitting the fine-tuned model's
+logits by their mean squared error (the paper's objective) or by KL. Like the paper, embeddings and the output
 head are not compressed: they and every other parameter that differs (norms, biases, convolutions, ...) are
 kept whole in the delta, as the fine-tuned values.
 
@@ -248,29 +249,48 @@ def logits_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (t.exp() * (t - F.log_softmax(student.float(), -1))).sum(-1).mean()
 
 
+def logits_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the mean squared difference of two [N, V] logits: the paper's objective (section 3.2, and
+    `F.mse_loss(logits, target_logits)` in its reference code)."""
+    return F.mse_loss(student.float(), teacher.float())
+
+
 def _logits(model, batch):
     return model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"))
 
 
-def distill_step(teacher):
-    """The training step: KL of the student's logits to the teacher's on every real (non-pad) position."""
+def distill_step(teacher, loss: str = "mse"):
+    """The training step: the student's logits fitted to the teacher's on every real (non-pad) position, by their
+    mean squared error (the paper's) or by KL(teacher || student)."""
+    fit = logits_mse if loss == "mse" else logits_kl
+
     def step(model, batch):
         mask = batch["attention_mask"].bool()
         with torch.no_grad():
             target = _logits(teacher.to(mask.device), batch)[mask]
-        return logits_kl(_logits(model, batch)[mask], target), int(mask.sum()), {}
+        return fit(_logits(model, batch)[mask], target), int(mask.sum()), {}
     return step
 
 
 @torch.no_grad()
-def mean_kl(student, teacher, examples, collate, batch_size: int = 16) -> float:
-    """Token-weighted mean KL(teacher || student) over examples."""
-    total, n = 0.0, 0
+def fit_to_teacher(student, teacher, examples, collate, batch_size: int = 16) -> dict:
+    """How close the student is to the teacher over examples, position-weighted: KL(teacher || student), logit
+    MSE, and `top1_agreement`, the share of positions where both predict the same next token (a figure that
+    neither distillation objective optimises directly)."""
+    sums, n = {"kl": 0.0, "mse": 0.0, "top1_agreement": 0.0}, 0
     student.eval()
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(student.device) for k, v in collate(examples[i:i + batch_size]).items()}
         mask = batch["attention_mask"].bool()
+        s, t = _logits(student, batch)[mask], _logits(teacher, batch)[mask]
         k = int(mask.sum())
-        total += float(logits_kl(_logits(student, batch)[mask], _logits(teacher, batch)[mask])) * k
+        sums["kl"] += float(logits_kl(s, t)) * k
+        sums["mse"] += float(logits_mse(s, t)) * k
+        sums["top1_agreement"] += float((s.argmax(-1) == t.argmax(-1)).sum())
         n += k
-    return total / max(n, 1)
+    return {name: v / max(n, 1) for name, v in sums.items()}
+
+
+def mean_kl(student, teacher, examples, collate, batch_size: int = 16) -> float:
+    """Token-weighted mean KL(teacher || student) over examples."""
+    return fit_to_teacher(student, teacher, examples, collate, batch_size)["kl"]

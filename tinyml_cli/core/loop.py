@@ -2,7 +2,8 @@
 
 An objective plugs in as a batch source and a step function. The source says how many optimizer steps the run
 has and yields its micro-batches (`ExampleBatches`: encoded records in a seeded order; PPO: its rollouts); the
-`step_fn(model, batch) -> (loss, n_tokens, metrics)` gives a loss that is a mean over n_tokens units.
+`step_fn(model, batch) -> (loss, n_units, metrics)` gives a loss that is a mean over n_units units (labelled
+tokens, pairs...); an optimizer step's loss is the mean over all the units of its micro-batches and processes.
 A checkpoint holds the source's state too, so a run resumed from it sees exactly the batches an uninterrupted
 run would.
 Checkpoints (trainable weights, optimizer, scheduler, RNG, step) are written to a temporary folder and
@@ -225,38 +226,46 @@ def train(model, source, step_fn, tcfg, out_dir: Path, resume: bool = False, pro
     log = open(out_dir / "metrics.jsonl", "a" if resume else "w", encoding="utf-8") if acc.is_main_process else None
     losses, tokens, t0 = [], 0, time.time()
     last_metrics = {}
+    world = acc.num_processes
+    whole = tcfg.grad_accum == 1 and world == 1  # each step is one micro-batch: its mean loss is the step's
     for step in range(start, steps):
-        step_loss, step_metrics, source_metrics = 0.0, {}, {}
+        units, loss_sum, step_metrics, source_metrics = 0, 0.0, {}, {}
         for micro in range(tcfg.grad_accum):
             info, batch = next(batches)
             source_metrics = info
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             ctx = acc.no_sync(model) if micro < tcfg.grad_accum - 1 else contextlib.nullcontext()
             with ctx, acc.autocast():
-                loss, n_tok, metrics = step_fn(model, batch)
+                loss, n, metrics = step_fn(model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}")
-            share = 1.0
-            if acc.num_processes > 1:
-                # DDP averages gradients over processes; weighting each process's mean by its share of the
-                # global token count makes that average the gradient of the global per-token mean, so several
-                # processes follow one process's run whatever the padding and labels of each shard.
-                global_tok = acc.reduce(torch.tensor(float(n_tok), device=acc.device), reduction="sum").item()
-                share = n_tok * acc.num_processes / max(global_tok, 1.0)
-                tokens += int(global_tok)
-            else:
-                tokens += int(n_tok)
-            acc.backward(loss * share / tcfg.grad_accum)
-            step_loss += loss.item() * share / tcfg.grad_accum
+            # The sum of this micro-batch's unit losses; divided by the step's units (all micro-batches, all
+            # processes) below, so the step's gradient is that of the per-unit mean over the whole step, whatever
+            # each micro-batch holds (transformers' Trainer counts labelled tokens over the accumulation the same
+            # way). With one micro-batch on one process (always so for optimizer_in_backward, which steps inside
+            # this backward) the plain mean is that already.
+            acc.backward(loss if whole else loss * n)
+            units += int(n)
+            loss_sum += loss.item() * n
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / tcfg.grad_accum
+        if world > 1:  # one all-reduce per step: the step's units and summed loss over every process
+            units, loss_sum = acc.reduce(torch.tensor([float(units), loss_sum], device=acc.device),
+                                         reduction="sum").tolist()
+        tokens += int(units)
+        step_loss = loss_sum / max(units, 1)
+        if not whole:
+            # DDP has averaged the summed losses' gradients over the processes: x world / units makes them the
+            # gradient of the step's per-unit mean.
+            scale = world / max(units, 1)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
         grad_norm = acc.clip_grad_norm_(params, tcfg.max_grad_norm) if tcfg.max_grad_norm > 0 else None
         if not in_backward:  # else every weight has taken its step during the backward pass
             opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if acc.num_processes > 1:  # log the loss of the global batch, not of this process's shard
-            step_loss = acc.reduce(torch.tensor(step_loss, device=acc.device), reduction="mean").item()
         losses.append(step_loss)
         tps = tokens / max(time.time() - t0, 1e-9)
         last_metrics = {"step": step + 1, **source_metrics, "loss": step_loss, "lr": sched.get_last_lr()[0],

@@ -2,7 +2,7 @@
 
 - Bradley-Terry reward loss: InstructGPT (Ouyang et al. 2022, arXiv 2203.02155), with Llama 2's margin.
 - DPO: Rafailov et al. 2023 (arXiv 2305.18290); conservative DPO = label smoothing (Mitchell 2023);
-  IPO: Azar et al. 2023 (arXiv 2310.12036).
+  IPO: Azar et al. 2023 (arXiv 2310.12036), on summed or (as TRL) per-token mean log-probs.
 - PPO for language models: Ziegler et al. 2019 (arXiv 1909.08593) with GAE (Schulman et al. 2015,
   arXiv 1506.02438); per-token KL penalty and clipped value loss as in InstructGPT / DeepSpeed-Chat.
 Masks are 1 on response tokens and 0 on prompt and padding.
@@ -40,26 +40,32 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin:
 
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0, rpo_alpha: float = 0.0, chosen_tokens=None):
+             label_smoothing: float = 0.0, rpo_alpha: float = 0.0, chosen_tokens=None, rejected_tokens=None):
     """DPO family on summed response log-probs; returns (loss per pair, chosen rewards, rejected rewards).
 
     h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))
-      sigmoid: -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)   (eps > 0: conservative DPO)
-      ipo:     (h - 1 / (2 beta))^2
+      sigmoid:  -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)   (eps > 0: conservative DPO)
+      ipo:      (h - 1 / (2 beta))^2, on the summed log-probs
+      ipo_norm: the same on per-token mean log-probs (each side's log-probs divided by its response tokens, as
+                TRL's loss_type="ipo" does; needs chosen_tokens and rejected_tokens)
     rpo_alpha > 0 adds alpha * (-log pi(y_w) / |y_w|), the chosen answer's per-token NLL (RPO, Pang et al.
     2024): plain DPO may lower the chosen likelihood too, as long as the rejected one falls faster.
-    The rewards are the implicit ones, beta * (log pi - log ref).
+    The rewards are the implicit ones, beta * (log pi - log ref), of the log-probs the loss compares.
     """
+    nll = -pi_chosen / chosen_tokens if rpo_alpha else None
+    if loss_type == "ipo_norm":
+        pi_chosen, ref_chosen = pi_chosen / chosen_tokens, ref_chosen / chosen_tokens
+        pi_rejected, ref_rejected = pi_rejected / rejected_tokens, ref_rejected / rejected_tokens
     chosen_ratio, rejected_ratio = pi_chosen - ref_chosen, pi_rejected - ref_rejected
     h = chosen_ratio - rejected_ratio
     if loss_type == "sigmoid":
         loss = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    elif loss_type == "ipo":
+    elif loss_type in ("ipo", "ipo_norm"):
         loss = (h - 1 / (2 * beta)) ** 2
     else:
-        raise ValueError(f"unknown DPO loss type {loss_type!r} (sigmoid or ipo)")
+        raise ValueError(f"unknown DPO loss type {loss_type!r} (sigmoid, ipo or ipo_norm)")
     if rpo_alpha:
-        loss = loss - rpo_alpha * pi_chosen / chosen_tokens
+        loss = loss + rpo_alpha * nll
     return loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 

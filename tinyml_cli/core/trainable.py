@@ -125,9 +125,22 @@ def quantization_config(cfg: RunConfig, dtype):
                               bnb_4bit_use_double_quant=cfg.peft.double_quant, bnb_4bit_compute_dtype=dtype)
 
 
-def setup_model(cfg: RunConfig):
+def disable_dropout(model) -> None:
+    """Every dropout probability of the model set to 0: nn.Dropout modules (peft's LoRA dropout among them) and
+    the float rates attention layers apply themselves (`attention_dropout` of Llama, `dropout` of SigLIP...)."""
+    from torch import nn
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+        for k, v in vars(m).items():
+            if "dropout" in k and isinstance(v, float):
+                setattr(m, k, 0.0)
+
+
+def setup_model(cfg: RunConfig, dropout: str = "on"):
     """The model every training stage trains: built (4-bit for qlora) from the recipe's seed, trainable parts
-    set (peft.method, peft.parts, train.parts), gradient checkpointing as asked."""
+    set (peft.method, peft.parts, train.parts), gradient checkpointing as asked; every dropout off when
+    train.dropout says off, or says auto and the stage's default (`dropout`) is off."""
     import torch
 
     from .model import build_model, resolve_dtype
@@ -135,6 +148,8 @@ def setup_model(cfg: RunConfig):
     dtype = resolve_dtype(cfg.model.dtype)
     model = build_model(cfg.model, dtype=dtype, quantization_config=quantization_config(cfg, dtype))
     configure_trainable(model, cfg)
+    if (dropout if cfg.train.dropout == "auto" else cfg.train.dropout) == "off":
+        disable_dropout(model)
     if cfg.train.gradient_checkpointing:
         model.base_llm().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.base_llm().config.use_cache = False

@@ -31,11 +31,11 @@ def _eval(folder: Path, cfg) -> dict:
     return metrics
 
 
-def _preference(out: Path, con, quick: bool):
-    return run_preference_stages(out, out / "sft", con, quick)
+def _preference(out: Path, con, quick: bool, seed: int):
+    return run_preference_stages(out, out / "sft", con, quick, seed)
 
 
-def _edge(out: Path, con, quick: bool):
+def _edge(out: Path, con, quick: bool, seed: int):
     t = time.time()
     with con.status("export: ONNX fp32 and int4, hf-llava; greedy parity and held-out accuracy..."):
         m = edge_demo_metrics(out / "sft", out / "shapes" / "eval.jsonl", out / "edge")
@@ -43,23 +43,28 @@ def _edge(out: Path, con, quick: bool):
                                           "hf_llava": str(out / "edge" / "hf-llava")}
 
 
-def _bitdelta(out: Path, con, quick: bool):
+def _bitdelta(out: Path, con, quick: bool, seed: int):
     """BitDelta's use case: several fine-tunes kept over one base. Here the DPO run as a 1-bit delta over the sft
     model it started from (align -> sft is the tiny LLM learning the task from scratch, not a fine-tune)."""
     shutil.rmtree(out / "bitdelta", ignore_errors=True)
     t = time.time()
     with ui.training_bar(con, "bitdelta scale distillation") as bar:
         m = bitdelta_demo_metrics(out / "sft", out / "dpo", out / "shapes" / "train.jsonl", out / "shapes" / "eval.jsonl",
-                                  out / "bitdelta", progress=bar)
+                                  out / "bitdelta", progress=bar, seed=seed)
     return m, {"bitdelta": time.time() - t}, {"bitdelta": str(out / "bitdelta")}
 
 
-# Stages `--full` adds after sft, in order: each takes (out, console, quick) and returns
+# Stages `--full` adds after sft, in order: each takes (out, console, quick, seed) and returns
 # (metrics, seconds per stage, artifacts), merged into the demo's result.
 FULL_STAGES = [_preference, _edge, _bitdelta]
 
 
-def run_demo(out: str | Path, con, quick: bool = False, full: bool = False) -> dict:
+TINY_SEED = 1234  # build_tiny's default seed: the tiny default of `--seed 0`
+
+
+def run_demo(out: str | Path, con, quick: bool = False, full: bool = False, seed: int = 0) -> dict:
+    """The demo's stages; `seed` drives every random choice: the tiny default's pretraining (seed 1234 + seed), the
+    synthetic data (shapes: seed, preference pairs: 1 + seed) and every training run's train.seed."""
     from ..stages.sft import run_sft
     from .synth import synth_shapes
     from .tiny import build_tiny
@@ -70,11 +75,11 @@ def run_demo(out: str | Path, con, quick: bool = False, full: bool = False) -> d
         shutil.rmtree(out / sub, ignore_errors=True)
     seconds = {}
     with con.status("building the tiny default (tokenizer, LLM and vision pretraining)..."):
-        tiny = build_tiny(out / "tiny", **(QUICK_TINY if quick else {}))
+        tiny = build_tiny(out / "tiny", seed=TINY_SEED + seed, **(QUICK_TINY if quick else {}))
     seconds["build_tiny"] = time.time() - t0
     t = time.time()
-    files = synth_shapes(out / "shapes", n=48 if quick else N_TRAIN, n_eval=4 if quick else N_EVAL)
-    steps = ["train.max_steps=3", "train.batch_size=4"] if quick else []
+    files = synth_shapes(out / "shapes", n=48 if quick else N_TRAIN, n_eval=4 if quick else N_EVAL, seed=seed)
+    steps = [f"train.seed={seed}"] + (["train.max_steps=3", "train.batch_size=4"] if quick else [])
     seconds["data"] = time.time() - t
 
     paths = [f"model.llm={tiny['llm']}", f"model.vision={tiny['vision']}", f"data.eval={files['eval']}"]
@@ -104,12 +109,12 @@ def run_demo(out: str | Path, con, quick: bool = False, full: bool = False) -> d
         "pope_f1_before": before.get("pope", {}).get("f1", 0.0), "pope_f1_after": after.get("pope", {}).get("f1", 0.0),
         "pope_after": after.get("pope", {}), "align_loss_last": align["metrics"]["loss_last"],
         "sft_loss_first": sft["metrics"]["loss_first"], "sft_loss_last": sft["metrics"]["loss_last"],
-        "stage_seconds": seconds, "seconds": time.time() - t0,
+        "stage_seconds": seconds, "seed": seed, "seconds": time.time() - t0,
     }
     artifacts = {"tiny": str(out / "tiny"), "data": str(out / "shapes"), "align": str(out / "align"),
                  "sft": str(out / "sft")}
     for stage in FULL_STAGES if full else []:
-        m, secs, arts = stage(out, con, quick)
+        m, secs, arts = stage(out, con, quick, seed)
         metrics.update(m)
         seconds.update(secs)
         artifacts.update(arts)
@@ -130,7 +135,7 @@ def _pope_fp_rate(folder: Path, probe: str, cfg) -> float:
     return metrics["pope"]["fp_rate"]
 
 
-def run_preference_stages(out: Path, sft_dir: Path, con, quick: bool = False) -> tuple[dict, dict, dict]:
+def run_preference_stages(out: Path, sft_dir: Path, con, quick: bool = False, seed: int = 0) -> tuple[dict, dict, dict]:
     """(metrics, seconds per stage, artifacts) of synth-preferences -> reward -> dpo -> ppo from an sft folder."""
     import time
 
@@ -143,8 +148,9 @@ def run_preference_stages(out: Path, sft_dir: Path, con, quick: bool = False) ->
         shutil.rmtree(out / sub, ignore_errors=True)
     seconds, t = {}, time.time()
     files = synth_preferences(out / "prefs", n=24 if quick else N_PAIRS, n_eval=8 if quick else N_PAIRS_EVAL,
-                              n_probe=8 if quick else N_PROBE)
-    common = [f"model.init_from={sft_dir}", f"data.train={files['train']}", f"data.eval={files['eval']}"]
+                              n_probe=8 if quick else N_PROBE, seed=1 + seed)
+    common = [f"model.init_from={sft_dir}", f"data.train={files['train']}", f"data.eval={files['eval']}",
+              f"train.seed={seed}"]
     short = ["train.max_steps=3", "train.batch_size=4"] if quick else []
     seconds["prefs"] = time.time() - t
 
@@ -241,12 +247,14 @@ def edge_demo_metrics(model_dir: str | Path, eval_file: str | Path, out_dir: str
     return metrics
 
 
-def bitdelta_demo_metrics(base_dir, finetuned_dir, train_file, eval_file, out_dir, progress=None) -> dict:
+def bitdelta_demo_metrics(base_dir, finetuned_dir, train_file, eval_file, out_dir, progress=None, seed: int = 0) -> dict:
     """The demo's BitDelta figures: the fine-tuned run compressed against its base, default settings, calibrated
     on the conversations of train_file (the fine-tuned run's own data may be preference pairs)."""
-    cfg = compress_config(None, [f"data.train={train_file}", f"data.eval={eval_file}"], finetuned_dir)
+    cfg = compress_config(None, [f"data.train={train_file}", f"data.eval={eval_file}", f"train.seed={seed}"], finetuned_dir)
     m = run_compress(cfg, base_dir, finetuned_dir, out_dir, progress=progress)["metrics"]
     return {"vqa_accuracy_bitdelta_finetuned": m["vqa_accuracy_finetuned"], "bitdelta_ratio": m["ratio"], "bitdelta_ratio_total": m["ratio_total"],
             "bitdelta_kl_initial": m["kl_initial"], "bitdelta_kl_distilled": m["kl_distilled"],
+            "bitdelta_top1_agreement_initial": m["top1_agreement_initial"],
+            "bitdelta_top1_agreement_distilled": m["top1_agreement_distilled"],
             "vqa_accuracy_bitdelta_initial": m["vqa_accuracy_initial"],
             "vqa_accuracy_bitdelta": m["vqa_accuracy_distilled"]}

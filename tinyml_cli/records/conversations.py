@@ -196,15 +196,18 @@ def load_examples(path: str | Path, encoder: Encoder, on_error: str = "fail", fo
     return parse_all(path, lambda rec: parse_record(rec, root, encoder, for_generation), on_error, columns)
 
 
-def validate(path: str | Path, encoder: Encoder | None = None, columns: dict | None = None) -> tuple[int, list[str]]:
-    """Every problem of a data set at once (images fully decoded): (records, problems)."""
+def validate(path: str | Path, encoder: Encoder | None = None, columns: dict | None = None,
+             parse=None) -> tuple[int, list[str]]:
+    """Every problem of a data set at once (images fully decoded): (records, problems). `parse(record, root,
+    encoder, decode_images)` reads one record (default: `parse_record`; preferences.parse_any takes pairs too)."""
     from .sources import rename_columns
     p = Path(path)
     problems, n = [], 0
     for line, rec in read_records(path):
         n += 1
         try:
-            parse_record(rename_columns(rec, columns), p if p.is_dir() else p.parent, encoder, decode_images=True)
+            (parse or parse_record)(rename_columns(rec, columns), p if p.is_dir() else p.parent, encoder,
+                                    decode_images=True)
         except ValueError as e:
             problems.append(f"{_where(p, line)}: {e}")
     return n, problems

@@ -28,7 +28,9 @@ class Encoder:
                 ids += self.tok(piece, add_special_tokens=False)["input_ids"]
         return ids
 
-    def encode(self, msgs: list[dict], n_images: int, for_generation: bool = False) -> tuple[list[int], list[int]]:
+    def encode(self, msgs: list[dict], n_images: int, for_generation: bool = False,
+               truncate: bool = True) -> tuple[list[int], list[int]]:
+        """(ids, labels), cut to max_length unless `truncate` is False (then the caller checks the length)."""
         placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in msgs)
         if placeholders != n_images:
             raise ValueError(f"{placeholders} '<image>' placeholder(s) for {n_images} image(s)")
@@ -53,7 +55,7 @@ class Encoder:
             labels = [-100] * len(ids)
         elif not ids:
             raise ValueError("no assistant turn to learn from")
-        return self._truncate(ids, labels, for_generation)
+        return self._truncate(ids, labels, for_generation) if truncate else (ids, labels)
 
     def _truncate(self, ids, labels, for_generation):
         if len(ids) <= self.max_length:

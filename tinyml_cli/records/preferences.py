@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import IMAGE_TOKEN
-from .conversations import Example, check_image, content_text, image_paths
+from .conversations import Example, check_image, content_text, image_paths, parse_record
 from .encoder import Encoder
 from .sources import parse_all
 
@@ -104,7 +104,11 @@ def response_only(labels: list[int]) -> list[int]:
     return out
 
 
-def parse_pair(rec, root: Path, enc: Encoder) -> Pair:
+def parse_pair(rec, root: Path, enc: Encoder | None, decode_images: bool = False) -> Pair:
+    """One preference record (tinyml's form, see `preference_record`) as a Pair; raises ValueError naming what is
+    wrong. Prompt + response must fit data.max_length whole: a pair is compared on whole responses, and a cut
+    final response would leave an earlier assistant turn, or a shared prefix, as both sides' target (a silent
+    tie). Without an encoder only the structure and the images are checked (`data validate` with no tokenizer)."""
     if isinstance(rec, ValueError):
         raise rec
     if not isinstance(rec, dict) or not all(k in rec for k in ("prompt", "chosen", "rejected")):
@@ -114,18 +118,36 @@ def parse_pair(rec, root: Path, enc: Encoder) -> Pair:
         raise ValueError("'prompt' must end with a user turn")
     imgs = image_paths(rec, root)
     for img in imgs:
-        check_image(img)
-    sides = []
+        check_image(img, decode=decode_images)
+    responses = {}
     for key in ("chosen", "rejected"):
         resp = _messages(rec[key], "assistant", key)
         if len(resp) != 1 or resp[0]["role"] != "assistant" or not resp[0]["content"].strip():
             raise ValueError(f"'{key}' must be one non-empty assistant answer")
-        ids, labels = enc.encode(prompt + resp, len(imgs))
+        responses[key] = resp
+    meta = {k: rec[k] for k in ("id", "type") if k in rec}
+    meta["answer"] = responses["chosen"][0]["content"]
+    if enc is None:
+        placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in prompt)
+        if placeholders != len(imgs):
+            raise ValueError(f"{placeholders} '<image>' placeholder(s) for {len(imgs)} image(s)")
+        return Pair(Example([], [], imgs), Example([], [], imgs), Example([], [], imgs), meta)
+    sides = []
+    for key, resp in responses.items():
+        ids, labels = enc.encode(prompt + resp, len(imgs), truncate=False)
+        if len(ids) > enc.max_length:
+            raise ValueError(f"prompt + '{key}' response take {len(ids)} tokens > data.max_length={enc.max_length}: "
+                             "the response would be cut (raise data.max_length or shorten the prompt)")
         sides.append(Example(ids, response_only(labels), imgs))
     p_ids, p_labels = enc.encode(prompt, len(imgs), for_generation=True)
-    meta = {k: rec[k] for k in ("id", "type") if k in rec}
-    meta["answer"] = _messages(rec["chosen"], "assistant", "chosen")[0]["content"]
     return Pair(sides[0], sides[1], Example(p_ids, p_labels, imgs), meta)
+
+
+def parse_any(rec, root: Path, enc: Encoder | None, decode_images: bool = False):
+    """A preference record (it has 'chosen' and 'rejected') as a Pair, any other as a conversation Example."""
+    if isinstance(rec, dict) and "chosen" in rec and "rejected" in rec:
+        return parse_pair(preference_record(rec), root, enc, decode_images)
+    return parse_record(rec, root, enc, decode_images=decode_images)
 
 
 def load_pairs(path: str | Path, enc: Encoder, on_error: str = "fail",

@@ -2,8 +2,9 @@
 
 Scale distillation (BitDelta, section 3.2) runs on the shared training loop: the base with the 1-bit deltas
 attached is the student, the fine-tuned model the teacher, and only the per-matrix scales train, on calibration
-conversations (`data.train`, default: the fine-tuned run's own data). So `train.*` keys, progress,
-`metrics.jsonl`, checkpoints and `--resume` work as for sft. Held-out KL and accuracy (`data.eval`) are
+conversations (`data.train`, default: the fine-tuned run's own data), by the logits' mean squared error (the
+paper's) or KL (`bitdelta.loss`). So `train.*` keys, progress, `metrics.jsonl`, checkpoints and `--resume` work as
+for sft. Held-out KL, logit MSE, top-1 agreement with the fine-tuned model and VQA accuracy (`data.eval`) are
 measured before and after.
 """
 
@@ -45,12 +46,13 @@ def run_compress(cfg, base_dir: str | Path, finetuned_dir: str | Path, out_dir: 
         compress,
         delta_attached,
         distill_step,
+        fit_to_teacher,
         load_full_precision,
-        mean_kl,
     )
     from ..core.generation import evaluate_model
     from ..core.loop import ExampleBatches, train
     from ..core.model import resolve_dtype
+    from ..core.trainable import disable_dropout
     from ..records.conversations import load_examples
     from ..records.encoder import encoder_for
 
@@ -74,15 +76,18 @@ def run_compress(cfg, base_dir: str | Path, finetuned_dir: str | Path, out_dir: 
     collate = Collator(base.tokenizer.pad_token_id, ImageLoader(base.image_processor))
     teacher.requires_grad_(False).eval()
     base.requires_grad_(False)
+    if cfg.train.dropout != "on":  # the student trains to match an eval-mode teacher: no dropout in it either
+        disable_dropout(base)
     metrics = {}
     with delta_attached(base, delta) as wrappers:  # `base` now computes base + scale·sign(Δ)
         if held_out:
-            metrics["kl_initial"] = mean_kl(base, teacher, held_out, collate)
+            metrics.update({f"{k}_initial": v for k, v in fit_to_teacher(base, teacher, held_out, collate).items()})
             metrics["vqa_accuracy_initial"] = evaluate_model(base, cfg.data.eval, cfg)[0]["vqa_accuracy"]
-        stats = train(base, ExampleBatches(calib, collate), distill_step(teacher), cfg.train, out, resume=resume, progress=progress)
+        stats = train(base, ExampleBatches(calib, collate), distill_step(teacher, cfg.bitdelta.loss), cfg.train, out,
+                      resume=resume, progress=progress)
         delta.scales = {name: w.scale.detach().cpu() for name, w in wrappers.items()}
         if held_out:
-            metrics["kl_distilled"] = mean_kl(base, teacher, held_out, collate)
+            metrics.update({f"{k}_distilled": v for k, v in fit_to_teacher(base, teacher, held_out, collate).items()})
             metrics["vqa_accuracy_distilled"] = evaluate_model(base, cfg.data.eval, cfg)[0]["vqa_accuracy"]
     if held_out and eval_finetuned:
         metrics["vqa_accuracy_finetuned"] = evaluate_model(teacher, cfg.data.eval, cfg)[0]["vqa_accuracy"]

@@ -1,4 +1,5 @@
-"""data validate: every problem of a data set at once, with token lengths when the recipe names a tokenizer."""
+"""data validate: every problem of a data set (conversations or preference pairs) at once, with token lengths
+when the recipe names a tokenizer."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ def run_validate(file: str | Path, cfg) -> dict:
     model.init_from) set, token lengths and truncation too. The result lists the problems."""
     from ..core.batching import recipe_encoder
     from ..records.conversations import validate
+    from ..records.preferences import parse_any
     enc = recipe_encoder(cfg) if cfg.model.init_from or cfg.model.llm else None
-    n, problems = validate(file, enc, cfg.data.columns)
+    n, problems = validate(file, enc, cfg.data.columns, parse_any)  # conversations and preference pairs
     return {"command": "data validate", "output_dir": None, "artifacts": {}, "problems": problems,
             "metrics": {"records": n, "problems": len(problems), "tokens_checked": enc is not None}}

@@ -50,7 +50,7 @@ def dpo_step(pcfg, ref=None):
         ref_lp = batch["ref_logps"] if "ref_logps" in batch else ref(batch)
         n = pi.shape[0] // 2
         loss, rc, rr = dpo_loss(pi[:n], pi[n:], ref_lp[:n], ref_lp[n:], pcfg.beta, pcfg.loss_type,
-                                pcfg.label_smoothing, pcfg.rpo_alpha, mask[:n].sum(-1))
+                                pcfg.label_smoothing, pcfg.rpo_alpha, mask[:n].sum(-1), mask[n:].sum(-1))
         return loss.mean(), n, {"rewards_chosen": rc.mean().item(), "rewards_rejected": rr.mean().item(),
                                 "rewards_margin": (rc - rr).mean().item(), "rewards_accuracy": (rc > rr).float().mean().item()}
     return step
@@ -76,7 +76,7 @@ def run_dpo(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress=
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.data.train:
         raise UserError("data.train is not set (a preference JSONL: image, prompt, chosen, rejected)")
-    model = setup_model(cfg)
+    model = setup_model(cfg, dropout="off")
     enc = encoder_for(model, cfg.data)
     pairs, skipped = load_pairs(cfg.data.train, enc, cfg.data.on_error, cfg.data.columns)
     held_out = load_pairs(cfg.data.eval, enc, cfg.data.on_error, cfg.data.columns)[0] if cfg.data.eval else []

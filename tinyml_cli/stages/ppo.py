@@ -146,8 +146,10 @@ def ppo_step(pc):
         lp, ent, values = model(**b)
         pg, frac = ppo_policy_loss(lp, b["old_lp"], b["adv"], b["mask"], pc.clip)
         vf = ppo_value_loss(values, b["old_values"], b["returns"], b["mask"], pc.value_clip)
-        return pg + pc.vf_coef * vf, len(lp), {"pg_loss": pg.item(), "vf_loss": vf.item(), "clip_frac": float(frac),
-                                                "entropy": masked_mean(ent, b["mask"]).item()}
+        # both losses are means over the minibatch's response tokens: those are its units
+        ratio = masked_mean(torch.exp(lp.detach() - b["old_lp"]), b["mask"]).item()  # 1 before the first update
+        return pg + pc.vf_coef * vf, int(b["mask"].sum()), {"pg_loss": pg.item(), "vf_loss": vf.item(), "clip_frac": float(frac),
+                                                            "ratio": ratio, "entropy": masked_mean(ent, b["mask"]).item()}
     return step
 
 
@@ -169,7 +171,7 @@ def run_ppo(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress=
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.data.train:
         raise UserError("data.train is not set (preference records; their prompts are the rollout prompts)")
-    model = setup_model(cfg)
+    model = setup_model(cfg, dropout="off")
     critic = ScalarHead(model, init_std=0.0)  # values start at 0
     critic.head.requires_grad_(True)
     pairs, _ = load_pairs(cfg.data.train, encoder_for(model, cfg.data), cfg.data.on_error, cfg.data.columns)

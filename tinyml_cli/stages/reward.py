@@ -63,7 +63,7 @@ def run_reward(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progre
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.data.train:
         raise UserError("data.train is not set (a preference JSONL: image, prompt, chosen, rejected)")
-    lmm = setup_model(cfg)
+    lmm = setup_model(cfg, dropout="off")
     enc = encoder_for(lmm, cfg.data)
     rm = ScalarHead(lmm)  # a fresh head, trained with the parts of the recipe
     rm.head.requires_grad_(True)
