@@ -72,6 +72,10 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping (0: off)")
     optimizer_in_backward: bool = _f(False, "step each weight's AdamW inside the backward pass and free its gradient at once "
                                             "(no full gradient buffer; needs grad_accum 1, max_grad_norm 0, one process)")
+    chunked_loss: bool = _f(True, "losses over the vocabulary in chunks of rows: no [tokens x vocabulary] logits tensor is ever held "
+                                  "(false: the fp32 log-softmax of every labelled token at once, as before)")
+    offload_activations: bool = _f(False, "keep the tensors saved for the backward pass in CPU memory until it needs them (pinned, "
+                                          "copied on a side stream on CUDA); with gradient_checkpointing: each layer's input")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _f("auto", "autocast precision (auto: bf16 where the GPU supports it)")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     seed: int = _f(0, "seed for weights init, data order and dropout")

@@ -14,16 +14,17 @@ from tinyml_cli.core.bitdelta import (
     compress,
     delta_attached,
     delta_linears,
-    logits_kl,
     mean_kl,
     pack_signs,
     unpack_signs,
 )
+from tinyml_cli.core.chunked_loss import logits_kl
 
 
 class Toy(nn.Module):
     """Not a Llama: an embedding, an MLP, a LayerNorm, a conv, attention through nn.MultiheadAttention and a head
-    tied to the embedding. Called like the LMM: (input_ids, attention_mask, pixel_values) -> logits."""
+    tied to the embedding. Called like the LMM: (input_ids, attention_mask, pixel_values) -> logits; `hidden_states`
+    and `head` as on the LMM."""
 
     def __init__(self, vocab=11, dim=16):
         super().__init__()
@@ -35,11 +36,14 @@ class Toy(nn.Module):
         self.head = nn.Linear(dim, vocab, bias=False)
         self.head.weight = self.emb.weight
 
-    def forward(self, input_ids, attention_mask=None, pixel_values=None):
+    def hidden_states(self, input_ids, attention_mask=None, pixel_values=None):
         h = self.emb(input_ids)
         h = h + self.conv(h.transpose(1, 2)).transpose(1, 2)
         h = h + self.attn(h, h, h, need_weights=False)[0]
-        return self.head(self.norm(h + self.mlp(h)))
+        return self.norm(h + self.mlp(h))
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None):
+        return self.head(self.hidden_states(input_ids))
 
 
 def toy_pair(seed=0, scale=0.05):
@@ -199,7 +203,7 @@ def test_logits_kl_by_hand():
 
 def test_scale_distillation_lowers_kl_on_a_toy_model(tmp_path):
     from tinyml_cli.config import TrainConfig
-    from tinyml_cli.core.bitdelta import distill_step
+    from tinyml_cli.core.bitdelta import Distillation, distill_step
     from tinyml_cli.core.loop import ExampleBatches, train
     base, ft = toy_pair(scale=0.1)
     delta = compress(base, ft)
@@ -216,7 +220,7 @@ def test_scale_distillation_lowers_kl_on_a_toy_model(tmp_path):
         kl0 = mean_kl(base, ft, seqs[48:], collate)
         frozen = {k: v.clone() for k, v in base.state_dict().items() if not k.endswith(".scale")}
         tcfg = TrainConfig(max_steps=40, batch_size=8, lr=1e-2, scheduler="constant", warmup_ratio=0.0)
-        train(base, ExampleBatches(seqs[:48], collate), distill_step(ft), tcfg, tmp_path)
+        train(Distillation(base, ft), ExampleBatches(seqs[:48], collate), distill_step, tcfg, tmp_path)
         kl1 = mean_kl(base, ft, seqs[48:], collate)
         moved = [float(w.scale.detach()) for w in wrappers.values()]
         assert all(torch.equal(v, frozen[k]) for k, v in base.state_dict().items() if k in frozen)

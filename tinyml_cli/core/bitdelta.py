@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import UserError
@@ -242,24 +241,38 @@ def load_full_precision(path: str | Path, dtype=None):
     return model
 
 
-def logits_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of KL(teacher || student) between the softmax distributions of two [N, V] logits."""
-    t = F.log_softmax(teacher.float(), -1)
-    return (t.exp() * (t - F.log_softmax(student.float(), -1))).sum(-1).mean()
+def _kl(student, teacher, batch) -> tuple[torch.Tensor, int]:
+    """KL(teacher || student) of the next-token distributions, mean over every real (non-pad) position, and the
+    number of positions. Computed from both models' hidden states in chunks of rows (`head_kl`): neither model's
+    [positions x vocabulary] logits are ever held."""
+    from .chunked_loss import head_kl
+    mask = batch["attention_mask"].bool()
+    args = (batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"))
+    with torch.no_grad():
+        t_hidden = teacher.hidden_states(*args)[mask]
+    kl = head_kl(student.head, student.hidden_states(*args)[mask], teacher.head, t_hidden,
+                 chunked=getattr(student, "chunked_loss", True))
+    return kl, int(mask.sum())
 
 
-def _logits(model, batch):
-    return model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"))
+class Distillation(nn.Module):
+    """Scale distillation for the training loop: the student (the base with its deltas attached) whose forward is
+    its KL to the teacher, so the call that trains is the one DDP synchronises. The teacher is held apart, not as
+    a submodule: frozen, and never prepared, saved or checkpointed with the student."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module):
+        super().__init__()
+        self.student, self._teacher = student, (teacher,)
+
+    def forward(self, input_ids, attention_mask, pixel_values=None, **_):
+        teacher = self._teacher[0].to(input_ids.device)
+        return _kl(self.student, teacher, {"input_ids": input_ids, "attention_mask": attention_mask,
+                                           "pixel_values": pixel_values})[0]
 
 
-def distill_step(teacher):
-    """The training step: KL of the student's logits to the teacher's on every real (non-pad) position."""
-    def step(model, batch):
-        mask = batch["attention_mask"].bool()
-        with torch.no_grad():
-            target = _logits(teacher.to(mask.device), batch)[mask]
-        return logits_kl(_logits(model, batch)[mask], target), int(mask.sum()), {}
-    return step
+def distill_step(model: Distillation, batch):
+    """The training step over a `Distillation`: the KL on every real position."""
+    return model(**batch), int(batch["attention_mask"].sum()), {}
 
 
 @torch.no_grad()
@@ -269,8 +282,7 @@ def mean_kl(student, teacher, examples, collate, batch_size: int = 16) -> float:
     student.eval()
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(student.device) for k, v in collate(examples[i:i + batch_size]).items()}
-        mask = batch["attention_mask"].bool()
-        k = int(mask.sum())
-        total += float(logits_kl(_logits(student, batch)[mask], _logits(teacher, batch)[mask])) * k
+        kl, k = _kl(student, teacher, batch)
+        total += float(kl) * k
         n += k
     return total / max(n, 1)

@@ -135,6 +135,7 @@ def setup_model(cfg: RunConfig):
     dtype = resolve_dtype(cfg.model.dtype)
     model = build_model(cfg.model, dtype=dtype, quantization_config=quantization_config(cfg, dtype))
     configure_trainable(model, cfg)
+    model.chunked_loss = cfg.train.chunked_loss
     if cfg.train.gradient_checkpointing:
         model.base_llm().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.base_llm().config.use_cache = False

@@ -42,6 +42,7 @@ def run_compress(cfg, base_dir: str | Path, finetuned_dir: str | Path, out_dir: 
     """Compress FINETUNED against BASE, distil the scales, measure, save the delta folder; the JSON summary."""
     from ..core.batching import Collator, ImageLoader
     from ..core.bitdelta import (
+        Distillation,
         compress,
         delta_attached,
         distill_step,
@@ -74,12 +75,14 @@ def run_compress(cfg, base_dir: str | Path, finetuned_dir: str | Path, out_dir: 
     collate = Collator(base.tokenizer.pad_token_id, ImageLoader(base.image_processor))
     teacher.requires_grad_(False).eval()
     base.requires_grad_(False)
+    base.chunked_loss = cfg.train.chunked_loss
     metrics = {}
     with delta_attached(base, delta) as wrappers:  # `base` now computes base + scale·sign(Δ)
         if held_out:
             metrics["kl_initial"] = mean_kl(base, teacher, held_out, collate)
             metrics["vqa_accuracy_initial"] = evaluate_model(base, cfg.data.eval, cfg)[0]["vqa_accuracy"]
-        stats = train(base, ExampleBatches(calib, collate), distill_step(teacher), cfg.train, out, resume=resume, progress=progress)
+        stats = train(Distillation(base, teacher), ExampleBatches(calib, collate), distill_step, cfg.train, out,
+                      resume=resume, progress=progress)
         delta.scales = {name: w.scale.detach().cpu() for name, w in wrappers.items()}
         if held_out:
             metrics["kl_distilled"] = mean_kl(base, teacher, held_out, collate)
