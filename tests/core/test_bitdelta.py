@@ -314,3 +314,27 @@ def test_bitdelta_cli_end_to_end(base_and_ft, shapes, tmp_path):
     assert r.returncode == 0, r.stderr
     answers = one_json(r.stdout)["answers"]
     assert len(answers) == 2 and answers[0]["answer"] == answers[1]["answer"]
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_distillation_with_the_step_in_the_backward_pass_learns_the_same_scales(tmp_path, chunked):
+    from tinyml_cli.config import TrainConfig
+    from tinyml_cli.core.bitdelta import Distillation, distill_step
+    from tinyml_cli.core.loop import ExampleBatches, train
+    torch.manual_seed(1)
+    seqs = [torch.randint(0, 11, (8,)) for _ in range(16)]
+
+    def collate(batch):
+        ids = torch.stack(batch)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    scales = []
+    for in_backward in (False, True):
+        base, ft = toy_pair(scale=0.1)
+        base.requires_grad_(False), ft.requires_grad_(False)
+        base.chunked_loss = chunked
+        with delta_attached(base, compress(base, ft)) as wrappers:
+            tcfg = TrainConfig(max_steps=4, batch_size=4, lr=1e-2, scheduler="constant", warmup_ratio=0.0,
+                               max_grad_norm=0.0, optimizer_in_backward=in_backward)
+            train(Distillation(base, ft), ExampleBatches(seqs, collate), distill_step, tcfg, tmp_path)
+            scales.append(torch.stack([w.scale.detach() for w in wrappers.values()]))
+    assert torch.allclose(scales[0], scales[1], atol=1e-7)

@@ -151,7 +151,8 @@ def step_in_backward(params: list, opt) -> list:
 
     One optimizer over all weights is kept, so the scheduler and checkpoints are unchanged: `opt.step()` updates
     only weights that hold a gradient, and inside this hook that is the one weight whose gradient just finished.
-    Returns the hook handles.
+    That holds for torch's AdamW and for bitsandbytes' 8-bit and paged AdamW (each skips weights without a
+    gradient), so it serves every method and objective. Returns the hook handles.
     """
     def hook(p):
         opt.step()
