@@ -43,6 +43,21 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+def _matmuls(g, h, w, dh, gw, start: int) -> None:
+    """dh[rows] = g W and gw += g^T h for one chunk, written in place where the dtypes allow (no weight-sized
+    temporary when the weights are in the compute dtype)."""
+    if dh is not None:
+        if dh.dtype == g.dtype:
+            torch.mm(g, w, out=dh[start:start + g.shape[0]])
+        else:
+            dh[start:start + g.shape[0]] = g @ w
+    if gw is not None:
+        if gw.dtype == g.dtype:
+            gw.addmm_(g.t(), h)
+        else:
+            gw.add_((g.t() @ h).to(gw.dtype))
+
+
 class _LabelLogps(torch.autograd.Function):
     """log softmax(h W^T + b)[y] / T per row (or their sum), chunk by chunk; see the module docstring."""
 
@@ -84,10 +99,7 @@ class _LabelLogps(torch.autograd.Function):
                     if temperature != 1.0:
                         g.div_(temperature)
                     gd = g.to(dt)
-                    if dh is not None:
-                        dh[s:s + rows] = gd @ w
-                    if gw is not None:
-                        gw.add_((gd.t() @ h).to(gw.dtype))
+                    _matmuls(gd, h, w, dh, gw, s)
                     if gb is not None:
                         gb.add_(g.sum(0).to(gb.dtype))
         if lse_all is not None:
@@ -105,10 +117,10 @@ class _LabelLogps(torch.autograd.Function):
         none = (None,) * 5
         if ctx.ahead:
             dh, gw, gb = ctx.saved_tensors
+            # scaled in place: these buffers are this node's alone, and become the gradients
             if ctx.reduce:
-                return (dh * grad if dh is not None else None, gw * grad if gw is not None else None,
-                        gb * grad if gb is not None else None, *none)
-            return (dh * grad[:, None].to(dh.dtype) if dh is not None else None, None, None, *none)
+                return (*(x.mul_(grad) if x is not None else None for x in (dh, gw, gb)), *none)
+            return (dh.mul_(grad[:, None].to(dh.dtype)) if dh is not None else None, None, None, *none)
         # the head trains and every row has its own gradient: recompute each chunk's logits
         hidden, weight, bias, targets, lse_all = ctx.saved_tensors
         dt, rows, temperature = ctx.dt, ctx.rows, ctx.temperature
@@ -127,10 +139,7 @@ class _LabelLogps(torch.autograd.Function):
                 g = z.sub_(lse_all[s:s + rows, None]).exp_().neg_().scatter_add_(1, y, torch.ones_like(z[:, :1]))
                 g.mul_(grad[s:s + rows, None] / temperature)
                 gd = g.to(dt)
-                if dh is not None:
-                    dh[s:s + rows] = gd @ w
-                if gw is not None:
-                    gw.add_((gd.t() @ h).to(gw.dtype))
+                _matmuls(gd, h, w, dh, gw, s)
                 if gb is not None:
                     gb.add_(g.sum(0).to(gb.dtype))
         return dh, gw, gb, *none
@@ -201,10 +210,7 @@ class _HeadKL(torch.autograd.Function):
                     continue
                 g = ls.exp_().sub_(pt).div_(n)  # d KL / d student logits
                 gd = g.to(dt)
-                if dh is not None:
-                    dh[s:s + rows] = gd @ w
-                if gw is not None:
-                    gw.add_((gd.t() @ h).to(gw.dtype))
+                _matmuls(gd, h, w, dh, gw, s)
                 if gb is not None:
                     gb.add_(g.sum(0).to(gb.dtype))
         ctx.save_for_backward(dh, gw, gb)
@@ -213,7 +219,7 @@ class _HeadKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         dh, gw, gb = ctx.saved_tensors
-        return (*(x * grad if x is not None else None for x in (dh, gw, gb)), None, None, None, None)
+        return (*(x.mul_(grad) if x is not None else None for x in (dh, gw, gb)), None, None, None, None)
 
 
 def logits_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,9 @@ class OffloadActivations:
     """`with offloader.forward(): loss = ...` keeps what that forward saves in CPU memory; `loss.backward()` (after
     the block) brings it back. One offloader serves a whole run: `keep` are the model's weights and buffers."""
 
-    def __init__(self, keep, min_bytes: int = 1024, prefetch: int = 2):
+    prefetch_default = 2  # storages copied back ahead of need on CUDA (the estimate counts them)
+
+    def __init__(self, keep, min_bytes: int = 1024, prefetch: int = prefetch_default):
         self.keep = {t.untyped_storage().data_ptr() for t in keep if t.device.type != "meta"}
         self.min_bytes, self.prefetch = min_bytes, prefetch
         self.side = None

@@ -125,15 +125,16 @@ def quantization_config(cfg: RunConfig, dtype):
                               bnb_4bit_use_double_quant=cfg.peft.double_quant, bnb_4bit_compute_dtype=dtype)
 
 
-def setup_model(cfg: RunConfig):
+def setup_model(cfg: RunConfig, build=None):
     """The model every training stage trains: built (4-bit for qlora) from the recipe's seed, trainable parts
-    set (peft.method, peft.parts, train.parts), gradient checkpointing as asked."""
+    set (peft.method, peft.parts, train.parts), gradient checkpointing as asked. `build` (default
+    `model.build_model`) makes the model from the recipe's model section."""
     import torch
 
     from .model import build_model, resolve_dtype
     torch.manual_seed(cfg.train.seed)
     dtype = resolve_dtype(cfg.model.dtype)
-    model = build_model(cfg.model, dtype=dtype, quantization_config=quantization_config(cfg, dtype))
+    model = (build or build_model)(cfg.model, dtype=dtype, quantization_config=quantization_config(cfg, dtype))
     configure_trainable(model, cfg)
     model.chunked_loss = cfg.train.chunked_loss
     if cfg.train.gradient_checkpointing:
