@@ -613,12 +613,13 @@ def infer_advice(cfg, setting: Setting, gib: float, meta=None) -> list[dict]:
 ADVICE_GIB = (8, 12, 16, 24)  # the consumer card sizes the advice plans for (GiB)
 
 # Seconds per training token, to rank the settings that fit: a roofline model with assumed rates of a consumer
-# card (no GPU was measured for it): matmuls at GPU_FLOPS, memory traffic at GPU_BYTES_S, host copies at PCIE_BYTES_S.
-# Work per token: 2 x (matmul weights) FLOPs per forward pass of the LLM (and of the vision tower per image patch);
-# the backward pass is 2 forwards where the weights train and 1 where only inputs need gradients; checkpointing
-# adds one forward. QLoRA dequantizes its 4-bit weights in every pass; offloading copies the saved activations to
-# the host and back on a side stream, overlapped with the compute (a step takes the longer of the two); each
-# optimizer step reads and writes the trained weights, their gradients and states once.
+# card (no GPU was measured for it): matmuls at GPU_FLOPS, memory traffic at GPU_BYTES_S, host copies at
+# PCIE_BYTES_S. Work per token: 2 x (matmul weights) FLOPs per forward pass of the LLM (and of the vision tower per
+# image patch); the backward pass is 2 forwards where the weights train and 1 where only inputs need gradients;
+# checkpointing adds one forward; every pass reads every weight once. QLoRA dequantizes its 4-bit weights in every
+# pass; offloading copies the saved activations to the host and back on a side stream, overlapped with the compute
+# (a step takes the longer of the two); each optimizer step reads and writes the trained weights, their gradients
+# and states once.
 GPU_FLOPS, GPU_BYTES_S, PCIE_BYTES_S = 80e12, 0.8e12, 16e9
 
 
@@ -630,6 +631,8 @@ def token_seconds(meta, method: str, setting: Setting, est: Estimate) -> float:
     vision_passes = 3 if sums["vision_trains"] else 1
     patches = setting.batch * meta.num_patches
     micro = (2 * sums["llm_matmul"] * tokens * passes + 2 * sums["vision_params"] * patches * vision_passes) / GPU_FLOPS
+    # every pass also reads every weight: what makes small micro-batches slower per token
+    micro += passes * sum(v for k, v in est.breakdown.items() if k.startswith("weights_")) / GPU_BYTES_S
     if method == "qlora":  # every pass reads 4-bit weights and writes bf16 ones
         micro += passes * sum(sums["linear_numels"]) * 2.5 / GPU_BYTES_S
     if setting.offload:
