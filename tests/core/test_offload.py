@@ -44,8 +44,8 @@ def test_gradients_equal_and_only_activations_leave_once_each(monkeypatch):
     weights = {p.untyped_storage().data_ptr() for p in net.parameters()}
     assert len(weights) == len(off.keep)
     ptrs = [c[0] for c in copies]
-    assert ptrs.count(x.untyped_storage().data_ptr()) == 1  # saved by q, k and v, copied once
-    assert len(ptrs) == len(set(ptrs))
+    assert ptrs.count(x.untyped_storage().data_ptr()) == 1  # saved by q, k and v, copied once (x stays alive here,
+    # so its address is not reused; a freed activation's may be, by the next one)
     assert max(c[1] for c in copies) == 32 * 256 * 4  # activations only: no weight (64 x 256) ever left
 
 

@@ -104,8 +104,9 @@ class _LabelLogps(torch.autograd.Function):
                         gb.add_(g.sum(0).to(gb.dtype))
         if lse_all is not None:
             ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
-        else:
-            ctx.save_for_backward(dh, gw, gb)
+        # Gradients taken ahead are kept on ctx, not saved through autograd's saved-tensor hooks: activation
+        # offloading would otherwise send them to the host and back, though the backward pass needs them first.
+        ctx.grads = (dh, gw, gb)
         ctx.ahead, ctx.reduce, ctx.temperature, ctx.rows, ctx.dt = ahead, reduce, temperature, rows, dt
         if want_entropy:
             ctx.mark_non_differentiable(ent)
@@ -116,7 +117,7 @@ class _LabelLogps(torch.autograd.Function):
     def backward(ctx, grad, *_):
         none = (None,) * 5
         if ctx.ahead:
-            dh, gw, gb = ctx.saved_tensors
+            (dh, gw, gb), ctx.grads = ctx.grads, None
             # scaled in place: these buffers are this node's alone, and become the gradients
             if ctx.reduce:
                 return (*(x.mul_(grad) if x is not None else None for x in (dh, gw, gb)), *none)
@@ -213,12 +214,12 @@ class _HeadKL(torch.autograd.Function):
                 _matmuls(gd, h, w, dh, gw, s)
                 if gb is not None:
                     gb.add_(g.sum(0).to(gb.dtype))
-        ctx.save_for_backward(dh, gw, gb)
+        ctx.grads = (dh, gw, gb)  # on ctx, not through saved-tensor hooks (see _LabelLogps)
         return total / n
 
     @staticmethod
     def backward(ctx, grad):
-        dh, gw, gb = ctx.saved_tensors
+        (dh, gw, gb), ctx.grads = ctx.grads, None
         return (*(x.mul_(grad) if x is not None else None for x in (dh, gw, gb)), None, None, None, None)
 
 
