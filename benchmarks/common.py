@@ -206,7 +206,7 @@ def tinyml_sets(info: dict, a, train: str, method: str, lora_dropout: float) -> 
             f"peft.dropout={lora_dropout}", f"peft.target_modules={','.join(LORA_TARGETS)}", "train.parts=[connector]"]
     if method == "full" and a.in_backward == "on":  # no global clipping with it: nor on the TRL side (trl_args)
         sets += ["train.optimizer_in_backward=true", "train.max_grad_norm=0"]
-    return sets
+    return sets + [f"train.chunked_loss={'true' if a.chunked_loss == 'on' else 'false'}"]
 
 
 def trl_args(a, method: str) -> dict:
@@ -276,6 +276,8 @@ def arguments(doc: str):
     p.add_argument("--in-backward", choices=["on", "off"], default="on",
                    help="full fine-tuning: tinyml with train.optimizer_in_backward and neither side clipping (on), "
                         "or tinyml's ordinary optimizer step and both sides clipping at 1.0 (off)")
+    p.add_argument("--chunked-loss", choices=["on", "off"], default="on",
+                   help="tinyml's train.chunked_loss (on: the default; off: every labelled row's log-softmax at once)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads of each side on CPU (shared "
                                                            "machine: 1 keeps other loads from stalling a thread team)")
     p.add_argument("--side", choices=["tinyml", "trl"], help=argparse.SUPPRESS)
@@ -338,7 +340,8 @@ def compare(script: str, a) -> dict:
     """
     say = reporter(a)
     shared = ["--work", a.work, "--batch-size", str(a.batch_size), "--max-length", str(a.max_length),
-              "--lr", str(a.lr), "--warmup", str(a.warmup), "--threads", str(a.threads), "--in-backward", a.in_backward]
+              "--lr", str(a.lr), "--warmup", str(a.warmup), "--threads", str(a.threads), "--in-backward", a.in_backward,
+              "--chunked-loss", a.chunked_loss]
     methods = {}
     for method in a.methods.split(","):
         res = {"tinyml": {"runs": []}, "trl": {"runs": []}}

@@ -79,7 +79,7 @@ def main() -> None:
            "trl_version": trl.__version__, "model": {k: v for k, v in info.items() if k != "train"},
            "setting": {"batch_size": a.batch_size, "max_length": a.max_length, "steps": a.steps,
                        "warmup": a.warmup, "repeats": a.repeats, "lr": a.lr, "threads": a.threads,
-                       "full": common.FULL_SETTING[a.in_backward],
+                       "full": common.FULL_SETTING[a.in_backward], "tinyml_chunked_loss": a.chunked_loss,
                        "lora": "gradients clipped at 1.0 on both sides",
                        "peak_memory": "peak live tensor storage bytes (TorchDispatchMode), load + training steps"},
            "methods": methods, "ratios": common.worst(methods)}

@@ -71,8 +71,13 @@ class TrainConfig:
     warmup_ratio: float = _f(0.03, "fraction of steps of linear warmup")
     scheduler: Literal["cosine", "linear", "constant"] = _f("cosine", "learning-rate schedule after warmup")
     max_grad_norm: float = _f(1.0, "gradient clipping (0: off)")
-    optimizer_in_backward: bool = _f(False, "step each weight's AdamW inside the backward pass and free its gradient at once "
-                                            "(no full gradient buffer; needs grad_accum 1, max_grad_norm 0, one process)")
+    optimizer_in_backward: bool = _f(False, "step each weight's optimizer inside the backward pass and free its gradient at once "
+                                            "(no full gradient buffer; any method and train.optimizer; needs grad_accum 1, "
+                                            "max_grad_norm 0, one process)")
+    chunked_loss: bool = _f(True, "losses over the vocabulary in chunks of rows: no [tokens x vocabulary] logits tensor is ever held "
+                                  "(false: the fp32 log-softmax of every labelled token at once, as before)")
+    offload_activations: bool = _f(False, "keep the tensors saved for the backward pass in CPU memory until it needs them (pinned, "
+                                          "copied on a side stream on CUDA); with gradient_checkpointing: each layer's input")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _f("auto", "autocast precision (auto: bf16 where the GPU supports it)")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     seed: int = _f(0, "seed for weights init, data order and dropout")
@@ -255,7 +260,6 @@ def check(cfg: RunConfig) -> RunConfig:
         why = [need for bad, need in (
             (t.grad_accum != 1, "train.grad_accum=1 (gradients cannot add up over micro-batches; raise train.batch_size instead)"),
             (t.max_grad_norm > 0, "train.max_grad_norm=0 (clipping by the global norm needs every gradient before any step)"),
-            (t.optimizer != "adamw", "train.optimizer=adamw (the hook steps torch's AdamW one weight at a time)"),
             (t.mixed_precision == "fp16", "train.mixed_precision no or bf16 (the fp16 loss scaler unscales all gradients before the step)"),
         ) if bad]
         if why:

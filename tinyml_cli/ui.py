@@ -135,6 +135,19 @@ def estimate_report(con, result: dict) -> None:
         color = {"fits": "green", "tight": "yellow", "no": "red"}[row["verdict"]]
         g.add_row(row["gpu"], str(row["gib"]), f"[{color}]{row['verdict']}[/{color}]")
     con.print(g)
+    if result["advice"] and "gib" in result["advice"][0]:  # training: the fastest setting that fits, per card
+        a = Table(title="fastest setting that fits each card (relative speed: tokens/s against the recipe's setting)")
+        for col in ("card", "method", "checkpointing", "offload", "optimizer", "in backward", "batch x accum",
+                    "estimate", "speed"):
+            a.add_column(col, justify="right" if col in ("estimate", "speed") else "left")
+        yes = lambda v: "yes" if v else "-"  # noqa: E731
+        for r in result["advice"]:
+            card = f"{r['gib']:g} GiB" + ("" if r["fits"] else " [red](nothing fits; smallest)[/red]")
+            a.add_row(card, r["method"], yes(r["checkpointing"]), yes(r["offload"]), r["optimizer"],
+                      yes(r["optimizer_in_backward"]), f"{r['batch']} x {r['grad_accum']}", _gb(r["total_bytes"]),
+                      f"{r['relative_speed']:.2f}x")
+        con.print(a)
+        return
     a = Table(title=f"to fit a {result['target_gib']:g} GiB card")
     a.add_column("change"), a.add_column("new total", justify="right"), a.add_column("verdict")
     for row in result["advice"]:

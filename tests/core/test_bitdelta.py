@@ -14,16 +14,17 @@ from tinyml_cli.core.bitdelta import (
     compress,
     delta_attached,
     delta_linears,
-    logits_kl,
     mean_kl,
     pack_signs,
     unpack_signs,
 )
+from tinyml_cli.core.chunked_loss import logits_kl
 
 
 class Toy(nn.Module):
     """Not a Llama: an embedding, an MLP, a LayerNorm, a conv, attention through nn.MultiheadAttention and a head
-    tied to the embedding. Called like the LMM: (input_ids, attention_mask, pixel_values) -> logits."""
+    tied to the embedding. Called like the LMM: (input_ids, attention_mask, pixel_values) -> logits; `hidden_states`
+    and `head` as on the LMM."""
 
     def __init__(self, vocab=11, dim=16):
         super().__init__()
@@ -35,11 +36,14 @@ class Toy(nn.Module):
         self.head = nn.Linear(dim, vocab, bias=False)
         self.head.weight = self.emb.weight
 
-    def forward(self, input_ids, attention_mask=None, pixel_values=None):
+    def hidden_states(self, input_ids, attention_mask=None, pixel_values=None):
         h = self.emb(input_ids)
         h = h + self.conv(h.transpose(1, 2)).transpose(1, 2)
         h = h + self.attn(h, h, h, need_weights=False)[0]
-        return self.head(self.norm(h + self.mlp(h)))
+        return self.norm(h + self.mlp(h))
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None):
+        return self.head(self.hidden_states(input_ids))
 
 
 def toy_pair(seed=0, scale=0.05):
@@ -206,7 +210,7 @@ def test_logits_mse_by_hand():
 @pytest.mark.parametrize("loss", ["mse", "kl"])
 def test_scale_distillation_lowers_its_objective_on_a_toy_model(tmp_path, loss):
     from tinyml_cli.config import TrainConfig
-    from tinyml_cli.core.bitdelta import distill_step, fit_to_teacher
+    from tinyml_cli.core.bitdelta import Distillation, distill_step, fit_to_teacher
     from tinyml_cli.core.loop import ExampleBatches, train
     base, ft = toy_pair(scale=0.1)
     delta = compress(base, ft)
@@ -224,7 +228,7 @@ def test_scale_distillation_lowers_its_objective_on_a_toy_model(tmp_path, loss):
         assert fit0["kl"] == pytest.approx(mean_kl(base, ft, seqs[48:], collate))
         frozen = {k: v.clone() for k, v in base.state_dict().items() if not k.endswith(".scale")}
         tcfg = TrainConfig(max_steps=40, batch_size=8, lr=1e-2, scheduler="constant", warmup_ratio=0.0)
-        train(base, ExampleBatches(seqs[:48], collate), distill_step(ft, loss), tcfg, tmp_path)
+        train(Distillation(base, ft, loss), ExampleBatches(seqs[:48], collate), distill_step, tcfg, tmp_path)
         fit1 = fit_to_teacher(base, ft, seqs[48:], collate)
         moved = [float(w.scale.detach()) for w in wrappers.values()]
         assert all(torch.equal(v, frozen[k]) for k, v in base.state_dict().items() if k in frozen)
@@ -322,3 +326,27 @@ def test_bitdelta_cli_end_to_end(base_and_ft, shapes, tmp_path):
     assert r.returncode == 0, r.stderr
     answers = one_json(r.stdout)["answers"]
     assert len(answers) == 2 and answers[0]["answer"] == answers[1]["answer"]
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_distillation_with_the_step_in_the_backward_pass_learns_the_same_scales(tmp_path, chunked):
+    from tinyml_cli.config import TrainConfig
+    from tinyml_cli.core.bitdelta import Distillation, distill_step
+    from tinyml_cli.core.loop import ExampleBatches, train
+    torch.manual_seed(1)
+    seqs = [torch.randint(0, 11, (8,)) for _ in range(16)]
+
+    def collate(batch):
+        ids = torch.stack(batch)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    scales = []
+    for in_backward in (False, True):
+        base, ft = toy_pair(scale=0.1)
+        base.requires_grad_(False), ft.requires_grad_(False)
+        base.chunked_loss = chunked
+        with delta_attached(base, compress(base, ft)) as wrappers:
+            tcfg = TrainConfig(max_steps=4, batch_size=4, lr=1e-2, scheduler="constant", warmup_ratio=0.0,
+                               max_grad_norm=0.0, optimizer_in_backward=in_backward)
+            train(Distillation(base, ft), ExampleBatches(seqs, collate), distill_step, tcfg, tmp_path)
+            scales.append(torch.stack([w.scale.detach() for w in wrappers.values()]))
+    assert torch.allclose(scales[0], scales[1], atol=1e-7)

@@ -96,3 +96,49 @@ def test_each_weight_steps_alone_and_no_full_set_of_gradients_is_held():
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a.parameters(), b.parameters()))
     # weights + AdamW moments + at most one weight's gradient, vs weights + moments + every gradient
     assert in_bw <= plain - 0.6 * grads
+
+
+# ------------------------------------------------------------------ every method and objective, 8-bit states
+def _weights(run):
+    out = {}
+    for f in sorted(run.rglob("*.safetensors")):
+        if "checkpoints" not in f.parts:
+            out.update({f"{f.relative_to(run)}:{k}": v for k, v in load_file(f).items()})
+    return out
+
+
+def _same_run(tiny_cfg, tmp_path, runner, *sets):
+    """`runner(cfg, out)` once with the ordinary step and once with the step in the backward pass: equal losses and
+    saved weights, and the weights moved."""
+    common = ("train.max_grad_norm=0", "train.log_every=1", "train.lr=3e-3", *sets)
+    runner(tiny_cfg(*common), tmp_path / "plain")
+    runner(tiny_cfg(*common, "train.optimizer_in_backward=true"), tmp_path / "inbw")
+    assert _losses(tmp_path / "plain") == pytest.approx(_losses(tmp_path / "inbw"), rel=1e-5, abs=1e-6)
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "inbw")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), (k, (a[k] - b[k]).abs().max())
+    return a
+
+
+@pytest.mark.parametrize("sets", [("peft.method=lora", "train.parts=[connector]"),
+                                  ("peft.method=full", "train.optimizer=adamw8bit"),
+                                  ("peft.method=lora", "train.optimizer=paged_adamw8bit")],
+                         ids=["lora", "full-adamw8bit", "lora-paged8bit"])
+def test_sft_methods_and_8bit_states_match_the_ordinary_step(tiny_cfg, tmp_path, sets):
+    _same_run(tiny_cfg, tmp_path, lambda cfg, out: run_sft(cfg, out, "sft"), *sets)
+
+
+def _pref_cfg(tiny_cfg, prefs):
+    return lambda *sets: tiny_cfg(f"data.train={prefs / 'pref_train.jsonl'}", "data.eval=", *sets)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["dpo", "reward", "ppo"])
+def test_preference_objectives_match_the_ordinary_step(tiny_cfg, prefs, tmp_path, stage):
+    from tinyml_cli.stages.dpo import run_dpo
+    from tinyml_cli.stages.ppo import run_ppo
+    from tinyml_cli.stages.reward import run_reward
+    runner = {"dpo": run_dpo, "reward": run_reward, "ppo": run_ppo}[stage]
+    extra = ("ppo.rollouts=2", "ppo.rollout_size=4", "ppo.minibatch=2", "ppo.epochs=1") if stage == "ppo" else ()
+    _same_run(_pref_cfg(tiny_cfg, prefs), tmp_path, lambda cfg, out: runner(cfg, out), "peft.method=lora", *extra)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import UserError
+from .chunked_loss import logits_kl
 
 FORMAT = "tinyml-bitdelta/1"
 
@@ -243,33 +244,51 @@ def load_full_precision(path: str | Path, dtype=None):
     return model
 
 
-def logits_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of KL(teacher || student) between the softmax distributions of two [N, V] logits."""
-    t = F.log_softmax(teacher.float(), -1)
-    return (t.exp() * (t - F.log_softmax(student.float(), -1))).sum(-1).mean()
-
-
 def logits_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Mean over rows of the mean squared difference of two [N, V] logits: the paper's objective (section 3.2, and
     `F.mse_loss(logits, target_logits)` in its reference code)."""
     return F.mse_loss(student.float(), teacher.float())
 
 
+def _fit(student, teacher, batch, loss: str) -> tuple[torch.Tensor, int]:
+    """The student's fit to the teacher's next-token logits, mean over every real (non-pad) position (`mse`:
+    their mean squared error; `kl`: KL(teacher || student)), and the number of positions. Computed from both
+    models' hidden states in chunks of rows (core.chunked_loss): neither model's [positions x vocabulary]
+    logits are held whole."""
+    from .chunked_loss import head_kl, head_mse
+    mask = batch["attention_mask"].bool()
+    args = (batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"))
+    with torch.no_grad():
+        t_hidden = teacher.hidden_states(*args)[mask]
+    fit = head_mse if loss == "mse" else head_kl
+    value = fit(student.head, student.hidden_states(*args)[mask], teacher.head, t_hidden,
+                chunked=getattr(student, "chunked_loss", True))
+    return value, int(mask.sum())
+
+
+class Distillation(nn.Module):
+    """Scale distillation for the training loop: the student (the base with its deltas attached) whose forward is
+    its fit to the teacher (`loss`: mse, the paper's, or kl), so the call that trains is the one DDP synchronises.
+    The teacher is held apart, not as a submodule: frozen, and never prepared, saved or checkpointed with the
+    student."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, loss: str = "mse"):
+        super().__init__()
+        self.student, self._teacher, self.loss = student, (teacher,), loss
+
+    def forward(self, input_ids, attention_mask, pixel_values=None, **_):
+        teacher = self._teacher[0].to(input_ids.device)
+        return _fit(self.student, teacher, {"input_ids": input_ids, "attention_mask": attention_mask,
+                                            "pixel_values": pixel_values}, self.loss)[0]
+
+
+def distill_step(model: Distillation, batch):
+    """The training step over a `Distillation`: its fit on every real position."""
+    return model(**batch), int(batch["attention_mask"].sum()), {}
+
+
 def _logits(model, batch):
     return model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"))
-
-
-def distill_step(teacher, loss: str = "mse"):
-    """The training step: the student's logits fitted to the teacher's on every real (non-pad) position, by their
-    mean squared error (the paper's) or by KL(teacher || student)."""
-    fit = logits_mse if loss == "mse" else logits_kl
-
-    def step(model, batch):
-        mask = batch["attention_mask"].bool()
-        with torch.no_grad():
-            target = _logits(teacher.to(mask.device), batch)[mask]
-        return fit(_logits(model, batch)[mask], target), int(mask.sum()), {}
-    return step
 
 
 @torch.no_grad()

@@ -16,17 +16,18 @@ def token_logps(model, input_ids, attention_mask, labels, pixel_values=None, wit
     Position t holds token t+1 (the next-token layout); logits are computed only where a label is. With a
     temperature, the log-probs are those of the tempered distribution the tokens were sampled from (PPO).
     """
-    from .losses import entropy_from_logits
+    from .chunked_loss import label_logps
     hidden = model.hidden_states(input_ids, attention_mask, pixel_values)
     y = labels[:, 1:]
     mask = y != -100
-    logits = model.logits_at(hidden[:, :-1][mask]).float() / temperature
+    out = label_logps(model.head, hidden[:, :-1][mask], y[mask], temperature, entropy=with_entropy,
+                      chunked=getattr(model, "chunked_loss", True))
     logps = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
-    logps[mask] = torch.log_softmax(logits, -1).gather(-1, y[mask].unsqueeze(-1)).squeeze(-1)
+    logps[mask] = out[0] if with_entropy else out
     if not with_entropy:
         return logps, mask
     ent = torch.zeros_like(logps)
-    ent[mask] = entropy_from_logits(logits)
+    ent[mask] = out[1].detach()
     return logps, mask, ent, hidden
 
 

@@ -152,7 +152,8 @@ def step_in_backward(params: list, opt) -> list:
 
     One optimizer over all weights is kept, so the scheduler and checkpoints are unchanged: `opt.step()` updates
     only weights that hold a gradient, and inside this hook that is the one weight whose gradient just finished.
-    Returns the hook handles.
+    That holds for torch's AdamW and for bitsandbytes' 8-bit and paged AdamW (each skips weights without a
+    gradient), so it serves every method and objective. Returns the hook handles.
     """
     def hook(p):
         opt.step()
@@ -193,6 +194,7 @@ def train(model, source, step_fn, tcfg, out_dir: Path, resume: bool = False, pro
     from transformers import get_scheduler
 
     from . import tracking
+    from .offload import offloader
     report_to = tracking.trackers(tcfg.report_to)
     acc = accelerator or Accelerator(mixed_precision=mixed_precision(tcfg.mixed_precision),
                                      cpu=not torch.cuda.is_available(),  # see process_state
@@ -206,6 +208,7 @@ def train(model, source, step_fn, tcfg, out_dir: Path, resume: bool = False, pro
                         "after the backward pass)")
     opt = optimizer(params, tcfg)
     hooks = step_in_backward(params, opt) if in_backward else []
+    offload = offloader(model, tcfg.offload_activations)
     steps = source.steps(tcfg, acc.num_processes)
     sched = get_scheduler(tcfg.scheduler if tcfg.scheduler != "constant" else "constant_with_warmup", opt,
                           num_warmup_steps=int(tcfg.warmup_ratio * steps), num_training_steps=steps)
@@ -235,7 +238,7 @@ def train(model, source, step_fn, tcfg, out_dir: Path, resume: bool = False, pro
             source_metrics = info
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             ctx = acc.no_sync(model) if micro < tcfg.grad_accum - 1 else contextlib.nullcontext()
-            with ctx, acc.autocast():
+            with ctx, acc.autocast(), offload.forward() if offload else contextlib.nullcontext():
                 loss, n, metrics = step_fn(model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}")

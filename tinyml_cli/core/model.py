@@ -20,7 +20,6 @@ import typing
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import IMAGE_TOKEN, UserError
@@ -124,6 +123,7 @@ class LMM(nn.Module):
         self.vision, self.connector, self.llm = vision, connector, llm
         self.tokenizer, self.image_processor, self.spec = tokenizer, image_processor, spec
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.chunked_loss = True  # train.chunked_loss (see chunked_loss.py)
 
     @property
     def num_image_tokens(self) -> int:
@@ -184,11 +184,17 @@ class LMM(nn.Module):
         return decoder(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False,
                        **extra).last_hidden_state[:, drop:]
 
+    @property
+    def head(self) -> nn.Module:
+        """The LLM's projection onto the vocabulary."""
+        return self.llm.get_output_embeddings()
+
     def logits_at(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.llm.get_output_embeddings()(hidden)
+        return self.head(hidden)
 
     def forward(self, input_ids, attention_mask, pixel_values=None, labels=None):
         """Mean next-token loss over labelled positions; logits are computed only where a label is."""
+        from .chunked_loss import mean_nll
         hidden = self.hidden_states(input_ids, attention_mask, pixel_values)
         if labels is None:
             return self.logits_at(hidden)
@@ -197,13 +203,8 @@ class LMM(nn.Module):
         if not keep.any():
             raise ValueError("no labelled token in the batch")
         # Only assistant tokens carry labels: projecting just those rows onto the vocabulary saves most of the
-        # logits memory and compute, and chunking bounds it for large vocabularies.
-        h, y = h[keep], y[keep]
-        total = h.new_zeros((), dtype=torch.float32)
-        for i in range(0, y.shape[0], 2048):
-            logits = self.logits_at(h[i:i + 2048]).float()
-            total = total + F.cross_entropy(logits, y[i:i + 2048], reduction="sum")
-        return total / y.shape[0]
+        # logits memory and compute; the chunked loss never holds more than a chunk of their logits.
+        return mean_nll(self.head, h[keep], y[keep], chunked=self.chunked_loss)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens=16, temperature=0.0,

@@ -137,19 +137,21 @@ def disable_dropout(model) -> None:
                 setattr(m, k, 0.0)
 
 
-def setup_model(cfg: RunConfig, dropout: str = "on"):
+def setup_model(cfg: RunConfig, dropout: str = "on", build=None):
     """The model every training stage trains: built (4-bit for qlora) from the recipe's seed, trainable parts
     set (peft.method, peft.parts, train.parts), gradient checkpointing as asked; every dropout off when
-    train.dropout says off, or says auto and the stage's default (`dropout`) is off."""
+    train.dropout says off, or says auto and the stage's default (`dropout`) is off. `build` (default
+    `model.build_model`) makes the model from the recipe's model section."""
     import torch
 
     from .model import build_model, resolve_dtype
     torch.manual_seed(cfg.train.seed)
     dtype = resolve_dtype(cfg.model.dtype)
-    model = build_model(cfg.model, dtype=dtype, quantization_config=quantization_config(cfg, dtype))
+    model = (build or build_model)(cfg.model, dtype=dtype, quantization_config=quantization_config(cfg, dtype))
     configure_trainable(model, cfg)
     if (dropout if cfg.train.dropout == "auto" else cfg.train.dropout) == "off":
         disable_dropout(model)
+    model.chunked_loss = cfg.train.chunked_loss
     if cfg.train.gradient_checkpointing:
         model.base_llm().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.base_llm().config.use_cache = False

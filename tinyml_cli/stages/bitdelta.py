@@ -43,6 +43,7 @@ def run_compress(cfg, base_dir: str | Path, finetuned_dir: str | Path, out_dir: 
     """Compress FINETUNED against BASE, distil the scales, measure, save the delta folder; the JSON summary."""
     from ..core.batching import Collator, ImageLoader
     from ..core.bitdelta import (
+        Distillation,
         compress,
         delta_attached,
         distill_step,
@@ -78,13 +79,14 @@ def run_compress(cfg, base_dir: str | Path, finetuned_dir: str | Path, out_dir: 
     base.requires_grad_(False)
     if cfg.train.dropout != "on":  # the student trains to match an eval-mode teacher: no dropout in it either
         disable_dropout(base)
+    base.chunked_loss = cfg.train.chunked_loss
     metrics = {}
     with delta_attached(base, delta) as wrappers:  # `base` now computes base + scale·sign(Δ)
         if held_out:
             metrics.update({f"{k}_initial": v for k, v in fit_to_teacher(base, teacher, held_out, collate).items()})
             metrics["vqa_accuracy_initial"] = evaluate_model(base, cfg.data.eval, cfg)[0]["vqa_accuracy"]
-        stats = train(base, ExampleBatches(calib, collate), distill_step(teacher, cfg.bitdelta.loss), cfg.train, out,
-                      resume=resume, progress=progress)
+        stats = train(Distillation(base, teacher, cfg.bitdelta.loss), ExampleBatches(calib, collate), distill_step,
+                      cfg.train, out,                      resume=resume, progress=progress)
         delta.scales = {name: w.scale.detach().cpu() for name, w in wrappers.items()}
         if held_out:
             metrics.update({f"{k}_distilled": v for k, v in fit_to_teacher(base, teacher, held_out, collate).items()})

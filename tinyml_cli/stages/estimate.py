@@ -6,12 +6,14 @@ from dataclasses import replace
 
 from .. import UserError
 from ..core.estimate import (
+    ADVICE_GIB,
     MetaLMM,
     Setting,
     advice,
     dtypes,
     estimate,
     gpu_table,
+    infer_advice,
     measure,
 )
 
@@ -21,7 +23,10 @@ def run_estimate(cfg, device: str = "auto", gib: float = 24, do_measure: bool = 
     """The `tinyml estimate` result: counts, breakdown, card table, advice, and the measured peak if asked."""
     setting = Setting(device=device, mode="infer" if infer else "train", batch=cfg.train.batch_size,
                       seq=cfg.data.max_length, checkpointing=cfg.train.gradient_checkpointing,
-                      optimizer=cfg.train.optimizer, context=context, kv_bytes=kv_bytes, image_size=image_size)
+                      optimizer=cfg.train.optimizer, grad_accum=cfg.train.grad_accum,
+                      in_backward=cfg.train.optimizer_in_backward, chunked_loss=cfg.train.chunked_loss,
+                      offload=cfg.train.offload_activations, context=context, kv_bytes=kv_bytes,
+                      image_size=image_size)
     if setting.device == "auto":
         import torch
         setting = replace(setting, device="cuda" if torch.cuda.is_available() else "cpu")
@@ -32,8 +37,12 @@ def run_estimate(cfg, device: str = "auto", gib: float = 24, do_measure: bool = 
     e = estimate(cfg, setting, meta)
     metrics = {"params": e.params, "total_bytes": e.total_bytes, "tensor_bytes": e.tensor_bytes,
                "breakdown": e.breakdown, **e.detail}
+    if setting.mode == "infer":
+        tips = infer_advice(cfg, setting, gib, meta)
+    else:  # the fastest setting that fits, per card size (and the --gpu one)
+        tips = advice(cfg, setting, sorted({*ADVICE_GIB, gib}), meta)
     result = {"command": "estimate", "output_dir": None, "metrics": metrics, "artifacts": {},
-              "gpus": gpu_table(e.total_bytes), "advice": advice(cfg, setting, gib, meta), "target_gib": gib}
+              "gpus": gpu_table(e.total_bytes), "advice": tips, "target_gib": gib}
     if do_measure:
         if setting.mode != "train":
             raise UserError("--measure runs a training step; it does not apply to --infer")
