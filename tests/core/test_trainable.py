@@ -89,7 +89,11 @@ def analytic_count(case, model) -> int:
             "bitfit": biases,
             "adapter": c.num_hidden_layers * 2 * (h * 8 + 8 + 8 * h + h),  # after attention and MLP, width 8
             "prompt-tuning": 4 * h,
-            "prefix-tuning": 4 * c.num_hidden_layers * 2 * kv}[case]
+            "prefix-tuning": 4 * c.num_hidden_layers * 2 * kv,
+            "llama-adapter": 2 * (4 * h + 1),  # top 2 layers: 4 prompt vectors and one gate each
+            # a lite branch (down to 8, up again) beside every LLM and vision layer, and the vision biases
+            "tinytl": c.num_hidden_layers * (2 * h * 8 + 8 + h) + v.num_hidden_layers * (2 * hv * 8 + 8 + hv)
+            + biases - 2 * h}[case]
 
 
 # ------------------------------------------------------------------------------- every method, trained
@@ -107,6 +111,9 @@ CASES = {
     "adapter": (["peft.method=adapter", "peft.adapter_size=8"], ("adapters.llm.",)),
     "prompt-tuning": (["peft.method=prompt-tuning", "peft.virtual_tokens=4", "train.lr=3e-2"], ("llm.",)),
     "prefix-tuning": (["peft.method=prefix-tuning", "peft.virtual_tokens=4", "train.lr=3e-2"], ("llm.",)),
+    "llama-adapter": (["peft.method=llama-adapter", "peft.virtual_tokens=4", "peft.adapter_layers=2", "train.lr=3e-2"],
+                      ("llm.",)),
+    "tinytl": (["peft.method=tinytl", "peft.adapter_size=8", "peft.parts=[llm,vision]"], ("adapters.", "vision.")),
 }
 
 
