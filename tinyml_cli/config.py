@@ -121,6 +121,7 @@ class PrefConfig:
     label_smoothing: float = _f(0.0, "dpo: conservative DPO, the assumed share of flipped labels (0: plain DPO)")
     rpo_alpha: float = _f(0.0, "dpo: weight of the chosen answer's per-token NLL added to the loss (RPO; 0: none)")
     precompute_ref: bool = _f(True, "dpo: reference log-probs once before training (no reference model in memory)")
+    halva_alpha: float = _f(0.5, "halva: weight of the token-wise KL to the reference on the rest of the correct answer")
     margin: float = _f(0.0, "reward: Bradley-Terry margin, -log sigmoid(r_chosen - r_rejected - margin)")
 
 
