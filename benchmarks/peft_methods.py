@@ -28,10 +28,12 @@ from pathlib import Path
 
 import torch
 
-METHODS = ["full", "freeze", "lora", "dora", "qlora", "ia3", "bitfit", "adapter", "prompt-tuning", "prefix-tuning"]
+METHODS = ["full", "freeze", "lora", "dora", "qlora", "ia3", "bitfit", "adapter", "prompt-tuning", "prefix-tuning",
+           "llama-adapter", "tinytl"]
 LR = {"full": 1e-3, "freeze": 1e-3, "lora": 3e-3, "dora": 3e-3, "qlora": 3e-3, "ia3": 1e-2, "bitfit": 3e-3,
-      "adapter": 3e-3, "prompt-tuning": 3e-2, "prefix-tuning": 3e-2}
-SETS = {"full": [], "freeze": ["train.parts=[connector,llm]"], "bitfit": ["peft.parts=[vision,connector]"]}
+      "adapter": 3e-3, "prompt-tuning": 3e-2, "prefix-tuning": 3e-2, "llama-adapter": 3e-2, "tinytl": 3e-3}
+SETS = {"full": [], "freeze": ["train.parts=[connector,llm]"], "bitfit": ["peft.parts=[vision,connector]"],
+        "llama-adapter": ["peft.adapter_layers=2"]}
 
 
 def peak_training_memory(cfg, out: Path, steps: int = 3) -> int:

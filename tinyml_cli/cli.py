@@ -78,6 +78,11 @@ def _ppo(cfg, out, resume=False, progress=None):
     return run_ppo(cfg, out, resume=resume, progress=progress)
 
 
+def _halva(cfg, out, resume=False, progress=None):
+    from .stages.halva import run_halva
+    return run_halva(cfg, out, resume=resume, progress=progress)
+
+
 def _reward(cfg, out, resume=False, progress=None):
     from .stages.reward import run_reward
     return run_reward(cfg, out, resume=resume, progress=progress)
@@ -137,6 +142,16 @@ def ppo(config: Config = None, set_: Sets = None, output_dir: RunDir = None, jso
     Example: tinyml ppo -c tiny_ppo -o runs/ppo --set ppo.reward=runs/reward
     """
     _train("ppo", _ppo, config, set_, output_dir, json_mode, resume, overwrite, PREF_DEFAULTS)
+
+
+@app.command()
+def halva(config: Config = None, set_: Sets = None, output_dir: RunDir = None, json_mode: Json = False,
+          resume: Resume = False, overwrite: Overwrite = False):
+    """HALVA: raise the correct phrase against the hallucinated one where a pair's answers differ, KL to the reference elsewhere.
+
+    Example: tinyml halva -c tiny_halva -o runs/halva
+    """
+    _train("halva", _halva, config, set_, output_dir, json_mode, resume, overwrite, PREF_DEFAULTS)
 
 
 @reward_app.command("score")

@@ -32,11 +32,16 @@ def _f(default, help: str):
 class ModelConfig:
     llm: str = _f("", "causal LM: hub id or local folder (AutoModelForCausalLM)")
     vision: str = _f("", "vision encoder: hub id or local folder (CLIP / SigLIP vision or full model)")
-    connector: Literal["linear", "mlp2x_gelu", "resampler", "qformer"] = _f("mlp2x_gelu", "image features -> LLM: linear (VILA), mlp2x_gelu (LLaVA-1.5), resampler (Flamingo perceiver), qformer (BLIP-2)")
+    connector: Literal["linear", "mlp2x_gelu", "resampler", "qformer", "c-abstractor", "xattn"] = _f(
+        "mlp2x_gelu", "image features -> LLM: linear (VILA), mlp2x_gelu (LLaVA-1.5), resampler (Flamingo perceiver), "
+                      "qformer (BLIP-2), c-abstractor (Honeybee / MM1), xattn (Flamingo gated cross-attention)")
     init_from: str = _f("", "a tinyml run folder whose saved llm, vision and connector start this run")
     vision_feature_layer: int = _f(-1, "hidden layer of the vision encoder fed to the connector (LLaVA: -2)")
     resampler_queries: int = _f(16, "number of learned queries (image tokens) of the resampler")
     resampler_layers: int = _f(2, "perceiver layers of the resampler")
+    connector_tokens: int = _f(16, "c-abstractor: image tokens after its pooling (a square number)")
+    xattn_every: int = _f(1, "xattn: a gated cross-attention block before every N-th LLM layer (its perceiver: "
+                             "resampler_queries, resampler_layers)")
     qformer_queries: int = _f(32, "number of learned queries (image tokens) of the qformer connector")
     qformer_layers: int = _f(2, "qformer layers (self-attention, cross-attention to the image, MLP)")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", "weights dtype (auto: bf16 on a bf16 GPU, else fp32)")
@@ -93,9 +98,11 @@ class TrainConfig:
 
 @dataclass
 class PeftConfig:
-    method: Literal["full", "freeze", "lora", "qlora", "dora", "ia3", "bitfit", "adapter", "prompt-tuning", "prefix-tuning"] = _f(
+    method: Literal["full", "freeze", "lora", "qlora", "dora", "ia3", "bitfit", "adapter", "prompt-tuning", "prefix-tuning",
+                    "llama-adapter", "tinytl"] = _f(
         "freeze", "full: every weight; freeze: train.parts; qlora: 4-bit LLM + LoRA; bitfit: biases only; adapter: Houlsby "
-                  "bottlenecks; the others as in peft")
+                  "bottlenecks; llama-adapter: zero-gated adaption prompts in the top layers; tinytl: lite residual "
+                  "branches + biases (least activation memory); the others as in peft")
     parts: list[Part] = _f(["llm"], "where lora / dora / qlora, bitfit and adapter apply (ia3, prompt-tuning, "
                                    "prefix-tuning: llm only)")
     r: int = _f(8, "LoRA rank")
@@ -105,6 +112,7 @@ class PeftConfig:
     quant_type: Literal["nf4", "fp4"] = _f("nf4", "qlora: 4-bit type of the frozen LLM weights (bitsandbytes)")
     double_quant: bool = _f(True, "qlora: quantize the quantization constants too (saves ~0.4 bit per weight)")
     adapter_size: int = _f(16, "adapter: bottleneck width of each adapter (after every attention and MLP block)")
+    adapter_layers: int = _f(8, "llama-adapter: top LLM layers that get adaption prompts (peft.virtual_tokens each)")
     virtual_tokens: int = _f(8, "prompt-tuning / prefix-tuning: learned tokens (or key/value prefixes) prepended")
 
 
@@ -125,6 +133,7 @@ class PrefConfig:
     label_smoothing: float = _f(0.0, "dpo: conservative DPO, the assumed share of flipped labels (0: plain DPO)")
     rpo_alpha: float = _f(0.0, "dpo: weight of the chosen answer's per-token NLL added to the loss (RPO; 0: none)")
     precompute_ref: bool = _f(True, "dpo: reference log-probs once before training (no reference model in memory)")
+    halva_alpha: float = _f(0.5, "halva: weight of the token-wise KL to the reference on the rest of the correct answer")
     margin: float = _f(0.0, "reward: Bradley-Terry margin, -log sigmoid(r_chosen - r_rejected - margin)")
 
 
@@ -264,7 +273,7 @@ def check(cfg: RunConfig) -> RunConfig:
         ) if bad]
         if why:
             raise UserError("train.optimizer_in_backward needs " + "; ".join(why))
-    if p.method in ("ia3", "prompt-tuning", "prefix-tuning") and list(dict.fromkeys(p.parts)) != ["llm"]:
+    if p.method in ("ia3", "prompt-tuning", "prefix-tuning", "llama-adapter") and list(dict.fromkeys(p.parts)) != ["llm"]:
         raise UserError(f"peft.method={p.method} applies to the LLM only: set peft.parts=[llm]")
     if p.method == "qlora" and "llm" not in p.parts:
         raise UserError("peft.method=qlora puts LoRA on the 4-bit LLM: peft.parts must include llm")
@@ -272,7 +281,8 @@ def check(cfg: RunConfig) -> RunConfig:
         raise UserError("peft.parts is empty: name where the method applies (llm, vision, connector)")
     bounds = [("train.batch_size", t.batch_size >= 1, "at least 1"), ("train.grad_accum", t.grad_accum >= 1, "at least 1"),
               ("train.max_steps", t.max_steps >= 0, "0 or more"), ("data.max_length", cfg.data.max_length >= 1, "at least 1"),
-              ("peft.virtual_tokens", p.virtual_tokens >= 1, "at least 1"), ("peft.adapter_size", p.adapter_size >= 1, "at least 1"),
+              ("peft.virtual_tokens", p.virtual_tokens >= 1, "at least 1"),
+              ("peft.adapter_layers", p.adapter_layers >= 1, "at least 1"), ("peft.adapter_size", p.adapter_size >= 1, "at least 1"),
               ("pref.beta", pref.beta > 0, "> 0"), ("pref.label_smoothing", 0 <= pref.label_smoothing < 0.5, "in [0, 0.5)"),
               ("pref.rpo_alpha", pref.rpo_alpha >= 0, ">= 0"), ("ppo.temperature", ppo.temperature > 0, "> 0 (rollouts are sampled)"),
               ("ppo.rollouts", ppo.rollouts >= 1, "at least 1"), ("ppo.rollout_size", ppo.rollout_size >= 1, "at least 1"),

@@ -141,7 +141,8 @@ def test_demo_quick_full_reports_the_preference_metrics(tmp_path):
     r = _run(["demo", "--quick", "--full", "--json", "-o", str(tmp_path / "demo")])
     m = r["metrics"]
     for k in ["reward_accuracy", "pref_accuracy_sft", "pref_accuracy_dpo", "pope_fp_rate_sft", "pope_fp_rate_dpo",
-              "ppo_score_first", "ppo_score_last", "ppo_kl_last"]:
+              "ppo_score_first", "ppo_score_last", "ppo_kl_last", "pope_fp_rate_halva", "vqa_accuracy_halva",
+              "vqa_accuracy_dpo"]:
         assert isinstance(m[k], float), k
     assert 0 <= m["pope_fp_rate_dpo"] <= 1 and {"reward", "dpo", "ppo"} <= set(m["stage_seconds"])
     assert (tmp_path / "demo" / "ppo" / "value_head.safetensors").is_file()

@@ -6,6 +6,12 @@ model exactly as it was. The adapters run as forward hooks on the blocks: the ad
 module names and still saves as a plain Hugging Face model. The adapters save beside it in
 `adapters.safetensors` (keys `PART.LAYER.attn|mlp.down|up.weight|bias`, tinyml's own format, not peft's), and
 `tinyml_model.json` records their width and parts under `bottleneck_adapters`; `load_model` restores them.
+
+TinyTL's lite residual branches (Cai et al. 2020, arXiv 2007.11622; `kind="lite"`) use the same machinery: one
+branch per transformer layer, parallel to it, from the layer's input to its output (z + up(gelu(down(x)))),
+beside the frozen layer; with biases trained too (peft.method=tinytl). TinyTL's point is memory: a frozen
+weight needs no stored input for its gradient, and the branch's own activations are narrow, so training keeps
+far fewer activations than LoRA, whose low-rank factors need the input of every adapted layer.
 """
 
 from __future__ import annotations
@@ -57,6 +63,23 @@ def _out_dim(block: nn.Module) -> int:
     return [m for m in block.modules() if isinstance(m, nn.Linear)][-1].out_features
 
 
+class LiteResidual(BottleneckAdapter):
+    """TinyTL's lite residual for a transformer layer: a narrow branch from the layer's input, added to its
+    output, starting at zero."""
+
+    def forward(self, x):
+        return self.up(F.gelu(self.down(x)))
+
+
+def _beside(branch: LiteResidual):
+    def apply(module, args, kwargs, output):
+        x = args[0] if args else kwargs["hidden_states"]
+        if isinstance(output, tuple):
+            return (output[0] + branch(x),) + tuple(output[1:])
+        return output + branch(x)
+    return apply
+
+
 def _hook(adapter: BottleneckAdapter):
     def apply(module, args, output):
         if isinstance(output, tuple):  # attention blocks return (hidden, weights, ...)
@@ -65,8 +88,9 @@ def _hook(adapter: BottleneckAdapter):
     return apply
 
 
-def attach_adapters(model, parts: list[str], size: int) -> None:
-    """Give each named part of an LMM an adapter after every attention and MLP block (as `model.adapters`)."""
+def attach_adapters(model, parts: list[str], size: int, kind: str = "bottleneck") -> None:
+    """Give each named part of an LMM an adapter after every attention and MLP block, or (kind "lite") a lite
+    residual branch beside every layer (as `model.adapters`)."""
     if hasattr(model, "adapters"):  # a model that already has them (init_from an adapter run) keeps them
         return
     if size < 1:
@@ -79,7 +103,11 @@ def attach_adapters(model, parts: list[str], size: int) -> None:
                             f"transformer layers with attention and MLP blocks to put adapters after")
         dtype = next(getattr(model, part).parameters()).dtype
         per_layer = nn.ModuleList()
-        for block in blocks:
+        for block in blocks if kind == "lite" else []:
+            branch = LiteResidual(_out_dim(block), size).to(dtype)
+            block.register_forward_hook(_beside(branch), with_kwargs=True)
+            per_layer.append(branch)
+        for block in blocks if kind != "lite" else []:
             pair = nn.ModuleDict()
             for key, names in (("attn", ATTN_NAMES), ("mlp", MLP_NAMES)):
                 sub = _child(block, names)
@@ -87,7 +115,7 @@ def attach_adapters(model, parts: list[str], size: int) -> None:
                 sub.register_forward_hook(_hook(pair[key]))
             per_layer.append(pair)
         model.adapters[part] = per_layer
-    model.spec["bottleneck_adapters"] = {"size": size, "parts": list(parts)}
+    model.spec["bottleneck_adapters"] = {"size": size, "parts": list(parts), "kind": kind}
 
 
 def save_adapters(model, out: Path) -> None:
@@ -98,5 +126,5 @@ def save_adapters(model, out: Path) -> None:
 def load_adapters(model, path: Path) -> None:
     from safetensors.torch import load_file
     info = model.spec["bottleneck_adapters"]
-    attach_adapters(model, info["parts"], info["size"])
+    attach_adapters(model, info["parts"], info["size"], info.get("kind", "bottleneck"))
     model.adapters.load_state_dict(load_file(str(Path(path) / FILE)))

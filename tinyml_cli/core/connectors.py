@@ -1,8 +1,10 @@
 """Connectors: image features of the vision tower -> embeddings in the LLM's space (linear, MLP, perceiver
-resampler, Q-Former)."""
-
+resampler, Q-Former, C-Abstractor), or -> keys and values of gated cross-attention blocks inside the LLM
+(Flamingo's xattn)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -91,7 +93,104 @@ class QFormerConnector(ResamplerConnector):
     layer = QFormerLayer
 
 
-def build_connector(kind: str, vision_dim: int, llm_dim: int, queries: int = 16, layers: int = 2) -> nn.Module:
+class ResBlock(nn.Module):
+    """A residual block on a feature map: GroupNorm -> 3x3 conv -> GELU -> GroupNorm -> 3x3 conv, plus the input."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.GroupNorm(1, dim), nn.Conv2d(dim, dim, 3, padding=1), nn.GELU(),
+                                  nn.GroupNorm(1, dim), nn.Conv2d(dim, dim, 3, padding=1))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class CAbstractorConnector(nn.Module):
+    """C-Abstractor (Honeybee, Cha et al. 2024, arXiv 2312.06742; MM1's connector): residual conv blocks on the
+    patch grid, adaptive average pooling to `tokens` (a square number) positions, residual blocks again, then an
+    MLP into the LLM. Unlike a resampler's learned queries, each output token summarises one region of the image,
+    so locality survives the reduction. Honeybee uses RegNet blocks; plain residual blocks keep it small here."""
+
+    def __init__(self, vision_dim: int, llm_dim: int, tokens: int, depth: int = 2):
+        super().__init__()
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            raise UserError(f"model.connector_tokens={tokens}: the c-abstractor pools to a square grid "
+                            f"(4, 9, 16, 64, 144, ...)")
+        self.side = side
+        self.before = nn.Sequential(*[ResBlock(vision_dim) for _ in range(depth)])
+        self.pool = nn.AdaptiveAvgPool2d(side)
+        self.after = nn.Sequential(*[ResBlock(vision_dim) for _ in range(depth)])
+        self.proj = nn.Sequential(nn.Linear(vision_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+
+    def num_tokens(self, num_patches: int) -> int:
+        return self.side * self.side
+
+    def forward(self, x):
+        b, n, d = x.shape
+        grid = math.isqrt(n)
+        if grid * grid != n:
+            raise ValueError(f"c-abstractor: {n} patches do not form a square grid")
+        x = x.transpose(1, 2).reshape(b, d, grid, grid)
+        x = self.after(self.pool(self.before(x)))
+        return self.proj(x.flatten(2).transpose(1, 2))
+
+
+class GatedCrossAttention(nn.Module):
+    """Flamingo's GATED XATTN-DENSE block: the text attends to the visual tokens, then a feed-forward layer, each
+    added behind tanh(alpha) with alpha starting at 0, so at initialisation the LLM computes exactly what it
+    computed alone and training opens the gates."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm, self.norm_ff = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.attn_gate, self.ff_gate = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+
+    def forward(self, h, media):
+        x = self.norm(h)
+        h = h + torch.tanh(self.attn_gate).to(h.dtype) * self.attn(x, media, media, need_weights=False)[0]
+        return h + torch.tanh(self.ff_gate).to(h.dtype) * self.ff(self.norm_ff(h))
+
+
+class XAttnConnector(nn.Module):
+    """Flamingo's way in (`model.connector: xattn`): a perceiver resampler turns each image into a few visual
+    tokens, which enter the LLM as keys and values of a gated cross-attention block placed before every
+    `every`-th decoder layer; no image token takes a place in the sequence. The blocks belong to this connector
+    (they train and save with it); `attach` hooks them in front of the LLM's own layers, whose code is not copied.
+    One image per record: every token of a record attends to its image's visual tokens."""
+
+    def __init__(self, vision_dim: int, llm_dim: int, queries: int, layers: int, llm_layers: int, every: int):
+        super().__init__()
+        self.resampler = ResamplerConnector(vision_dim, llm_dim, queries, layers)
+        heads = max(1, llm_dim // 64) if llm_dim % 64 == 0 else 1
+        self.every = every
+        self.blocks = nn.ModuleList(GatedCrossAttention(llm_dim, heads) for _ in range(0, llm_layers, every))
+        self.media = None  # (B, queries, llm_dim) of the batch running now, set by the model before its decoder runs
+
+    def num_tokens(self, num_patches: int) -> int:
+        return 0
+
+    def forward(self, x):
+        return self.resampler(x)
+
+    def attach(self, layers) -> list:
+        """Put block k before decoder layer k * every (a forward pre-hook on that layer); returns the handles."""
+        def hook(block):
+            def run(module, args, kwargs):
+                if self.media is None:
+                    return None
+                if args:
+                    return (block(args[0], self.media.to(args[0].dtype)), *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": block(kwargs["hidden_states"], self.media.to(kwargs["hidden_states"].dtype))}
+            return run
+        return [layers[i * self.every].register_forward_pre_hook(hook(b), with_kwargs=True)
+                for i, b in enumerate(self.blocks)]
+
+
+def build_connector(kind: str, vision_dim: int, llm_dim: int, queries: int = 16, layers: int = 2,
+                    llm_layers: int = 0, every: int = 1) -> nn.Module:
     if kind == "linear":
         return MLPConnector(vision_dim, llm_dim, 1)
     if kind == "mlp2x_gelu":
@@ -100,11 +199,18 @@ def build_connector(kind: str, vision_dim: int, llm_dim: int, queries: int = 16,
         return ResamplerConnector(vision_dim, llm_dim, queries, layers)
     if kind == "qformer":
         return QFormerConnector(vision_dim, llm_dim, queries, layers)
-    raise UserError(f"unknown connector '{kind}' (choose linear, mlp2x_gelu, resampler or qformer)")
+    if kind == "c-abstractor":
+        return CAbstractorConnector(vision_dim, llm_dim, queries)
+    if kind == "xattn":
+        return XAttnConnector(vision_dim, llm_dim, queries, layers, llm_layers, every)
+    raise UserError(f"unknown connector '{kind}' (choose linear, mlp2x_gelu, resampler, qformer, c-abstractor or xattn)")
 
 
 def connector_size(spec_or_cfg) -> tuple[int, int]:
-    """(queries, layers) of a resampler or Q-Former, from a model config or a saved spec (a dict)."""
+    """(queries or tokens, layers) of a resampler, Q-Former, xattn's resampler or C-Abstractor, from a model
+    config or a saved spec (a dict)."""
     get = spec_or_cfg.get if isinstance(spec_or_cfg, dict) else lambda k, d=None: getattr(spec_or_cfg, k, d)
+    if get("connector") == "c-abstractor":
+        return get("connector_tokens", 16), 2
     kind = "qformer" if get("connector") == "qformer" else "resampler"
     return get(f"{kind}_queries", 16 if kind == "resampler" else 32), get(f"{kind}_layers", 2)

@@ -55,28 +55,28 @@ OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 
 # ------------------------------------------------------------------------------------------- the model
 def part_configs(mcfg):
-    """(llm config, vision config, connector, resampler queries) of a recipe, from config.json files only."""
+    """(llm config, vision config, connector source) of a recipe, from config.json files only; the connector source
+    is the recipe's model section, or the saved spec (a dict) of `model.init_from`."""
     import json
 
     from transformers import AutoConfig
 
     from .model import _hf_load
-    llm, vision, connector, queries = mcfg.llm, mcfg.vision, mcfg.connector, mcfg.resampler_queries
+    llm, vision, connector = mcfg.llm, mcfg.vision, mcfg
     if mcfg.init_from:
         spec_file = Path(mcfg.init_from) / "tinyml_model.json"
         if not spec_file.is_file():
             raise UserError(f"not a tinyml model folder (no tinyml_model.json): {mcfg.init_from}")
-        spec = json.loads(spec_file.read_text())
+        connector = json.loads(spec_file.read_text())
         llm, vision = str(Path(mcfg.init_from) / "llm"), str(Path(mcfg.init_from) / "vision")
-        connector, queries = spec["connector"], spec.get("resampler_queries", queries)
     if not llm:
         raise UserError("model.llm must be set (a hub id or a folder holding a config.json)")
     kw = {"trust_remote_code": mcfg.trust_remote_code}
     lcfg = _hf_load(AutoConfig.from_pretrained, llm, "LLM config", **kw)
     if not vision:  # a text-only LLM
-        return lcfg, None, connector, queries
+        return lcfg, None, connector
     vcfg = _hf_load(AutoConfig.from_pretrained, vision, "vision config", **kw)
-    return lcfg, getattr(vcfg, "vision_config", vcfg), connector, queries
+    return lcfg, getattr(vcfg, "vision_config", vcfg), connector
 
 
 class MetaLMM:
@@ -92,9 +92,11 @@ class MetaLMM:
             SiglipVisionModel,
         )
 
-        from .connectors import build_connector
+        from .connectors import build_connector, connector_size
         from .trainable import configure_trainable
-        self.lcfg, self.vcfg, self.connector_kind, queries = part_configs(cfg.model)
+        self.lcfg, self.vcfg, src = part_configs(cfg.model)
+        get = src.get if isinstance(src, dict) else lambda k, d=None: getattr(src, k, d)
+        self.connector_kind = get("connector")
         kind = self.vcfg.model_type.replace("_vision_model", "") if self.vcfg is not None else None
         if kind not in ("siglip", "clip", None):
             raise UserError(f"vision model type '{self.vcfg.model_type}' is not CLIP or SigLIP")
@@ -106,7 +108,8 @@ class MetaLMM:
             else:
                 self.vision = {"siglip": SiglipVisionModel, "clip": CLIPVisionModel}[kind](self.vcfg).to(dtype)
                 self.connector = build_connector(self.connector_kind, self.vcfg.hidden_size, self.lcfg.hidden_size,
-                                                 queries, cfg.model.resampler_layers).to(dtype)
+                                                 *connector_size(src), self.lcfg.num_hidden_layers,
+                                                 get("xattn_every", 1)).to(dtype)
         self.num_patches = (self.vcfg.image_size // self.vcfg.patch_size) ** 2 if kind else 0
         self.num_image_tokens = self.image_tokens(self.num_patches)
         configure_trainable(self, cfg)

@@ -69,6 +69,15 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float = 0.1
     return loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
+def halva_loss(phrase_chosen, phrase_hallucinated, kl, alpha: float = 0.5):
+    """HALVA (Sarkar et al. 2024, arXiv 2405.18654): the phrase-level alignment loss
+    -log(pi(y_c) / (pi(y_c) + pi(y_h))) = -log sigmoid(log pi(y_c) - log pi(y_h)) between the summed log-probs of
+    the correct and the hallucinated phrase in the same context, plus alpha x the token-wise KL(reference || policy)
+    on the rest of the correct response, which keeps what the model says elsewhere. Per pair: (loss, phrase margin)."""
+    margin = phrase_chosen - phrase_hallucinated
+    return -torch.nn.functional.logsigmoid(margin) + alpha * kl, margin
+
+
 def token_rewards(score: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
                   kl_ctl: float) -> torch.Tensor:
     """Per-token reward: -kl_ctl * (logp - ref_logp) on every response token, plus the score on the last one."""

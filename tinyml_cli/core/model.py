@@ -124,6 +124,8 @@ class LMM(nn.Module):
         self.tokenizer, self.image_processor, self.spec = tokenizer, image_processor, spec
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.chunked_loss = True  # train.chunked_loss (see chunked_loss.py)
+        if hasattr(connector, "attach"):  # xattn: its blocks run in front of the LLM's decoder layers
+            connector.attach(self.base_llm().get_decoder().layers)
 
     @property
     def num_image_tokens(self) -> int:
@@ -163,6 +165,12 @@ class LMM(nn.Module):
         return self.connector(feats.to(next(self.connector.parameters()).dtype))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        if hasattr(self.connector, "media"):  # xattn: the images go to the cross-attention, not the sequence
+            media = None if pixel_values is None else self.encode_images(pixel_values)
+            if media is not None and media.shape[0] != input_ids.shape[0]:
+                raise ValueError(f"the xattn connector takes one image per record: {media.shape[0]} images "
+                                 f"for {input_ids.shape[0]} records")
+            self.connector.media = media
         is_img = input_ids == self.image_token_id
         emb_layer = self.llm.get_input_embeddings()
         emb = emb_layer(input_ids.masked_fill(is_img, 0))
@@ -262,10 +270,13 @@ def adapters_lifted(module):
     base = module.get_base_model()
     swapped = []
     for name, mod in list(base.named_modules()):
-        if isinstance(mod, BaseTunerLayer) and hasattr(mod, "base_layer"):
+        # LoRA-style layers keep the original as `base_layer`; LLaMA-Adapter's AdaptedAttention as `model`
+        original = mod.base_layer if isinstance(mod, BaseTunerLayer) and hasattr(mod, "base_layer") else \
+            mod.model if type(mod).__name__ == "AdaptedAttention" else None
+        if original is not None:
             parent_name, _, child = name.rpartition(".")
             parent = base.get_submodule(parent_name)
-            setattr(parent, child, mod.base_layer)
+            setattr(parent, child, original)
             swapped.append((parent, child, mod))
     try:
         yield base
@@ -283,9 +294,10 @@ def build_model(mcfg, dtype=None, quantization_config=None) -> LMM:
         # The previous stage's peft adapters fold into the weights this stage starts from (a new peft method
         # would otherwise wrap a peft model, which peft nests under the same adapter name).
         if model.peft_parts():
-            if getattr(model.base_llm(), "is_loaded_in_4bit", False) or num_virtual_tokens(model.llm):
+            prompts = any(getattr(c, "is_adaption_prompt", False) for c in getattr(model.llm, "peft_config", {}).values())
+            if getattr(model.base_llm(), "is_loaded_in_4bit", False) or num_virtual_tokens(model.llm) or prompts:
                 raise UserError(f"model.init_from={mcfg.init_from}: its adapters do not fold into this run's "
-                                f"weights (a 4-bit base, or learned tokens); run `tinyml merge` on it first for "
+                                f"weights (a 4-bit base, or learned tokens or prompts); run `tinyml merge` on it first for "
                                 f"LoRA / QLoRA, and start from the merged folder")
             model.merge_adapters()
         return model
@@ -293,10 +305,12 @@ def build_model(mcfg, dtype=None, quantization_config=None) -> LMM:
     llm, tok = load_llm(mcfg.llm, mcfg.trust_remote_code, dtype, mcfg.attn_implementation, quantization_config)
     vdim, patches = vision_geometry(vision)
     ldim = llm.get_input_embeddings().weight.shape[1]
-    connector = build_connector(mcfg.connector, vdim, ldim, *connector_size(mcfg))
+    llm_layers = llm.config.num_hidden_layers
+    connector = build_connector(mcfg.connector, vdim, ldim, *connector_size(mcfg), llm_layers, mcfg.xattn_every)
     if dtype is not None:
         connector.to(dtype)
     spec = {"format": "tinyml-lmm/1", "connector": mcfg.connector, "vision_dim": vdim, "llm_dim": ldim,
+            "connector_tokens": mcfg.connector_tokens, "xattn_every": mcfg.xattn_every, "llm_layers": llm_layers,
             "num_patches": patches, "num_image_tokens": connector.num_tokens(patches),
             "vision_feature_layer": mcfg.vision_feature_layer, "resampler_queries": mcfg.resampler_queries,
             "resampler_layers": mcfg.resampler_layers, "llm_source": mcfg.llm, "vision_source": mcfg.vision,
@@ -321,7 +335,8 @@ def load_model(path: str | Path, dtype=None, trust_remote_code: bool = False, ad
     spec = json.loads((path / "tinyml_model.json").read_text())
     vision, processor = load_vision(str(path / "vision"), trust_remote_code, dtype)
     llm, tok = load_llm(str(path / "llm"), trust_remote_code, dtype, quantization_config=quantization_config)
-    connector = build_connector(spec["connector"], spec["vision_dim"], spec["llm_dim"], *connector_size(spec))
+    connector = build_connector(spec["connector"], spec["vision_dim"], spec["llm_dim"], *connector_size(spec),
+                                spec.get("llm_layers", 0), spec.get("xattn_every", 1))
     connector.load_state_dict(load_file(str(path / "connector.safetensors")))
     if dtype is not None:
         connector.to(dtype)

@@ -33,12 +33,24 @@ def peft_config(cfg: RunConfig, method: str, part: str = "llm", module=None):
 
     On the LLM, `all-linear` is peft's (every linear layer but the output head); on the vision tower or the
     connector (LoRA / DoRA), it is `_linear_names` of that part."""
-    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
+    from peft import (
+        AdaptionPromptConfig,
+        IA3Config,
+        LoraConfig,
+        PrefixTuningConfig,
+        PromptTuningConfig,
+    )
     targets = cfg.peft.target_modules
     targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
     if method == "ia3":  # learned scaling vectors; peft's defaults: attention k / v and the MLP's down projection
         return IA3Config(task_type="CAUSAL_LM", **({} if targets == "all-linear" else
                                                    {"target_modules": targets, "feedforward_modules": []}))
+    if method == "llama-adapter":  # LLaMA-Adapter (Zhang et al. 2023): zero-gated prompts in the top layers
+        layers = module.config.num_hidden_layers
+        if cfg.peft.adapter_layers > layers:
+            raise UserError(f"peft.adapter_layers={cfg.peft.adapter_layers}: the LLM has {layers} layers")
+        return AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=cfg.peft.virtual_tokens,
+                                    adapter_layers=cfg.peft.adapter_layers)
     if method in ("prompt-tuning", "prefix-tuning"):
         kind = PromptTuningConfig if method == "prompt-tuning" else PrefixTuningConfig
         return kind(task_type="CAUSAL_LM", num_virtual_tokens=cfg.peft.virtual_tokens)
@@ -91,9 +103,14 @@ def configure_trainable(model, cfg: RunConfig) -> None:
         targets = list(dict.fromkeys(cfg.peft.parts))
         if method == "bitfit":
             train_biases(model, targets)
-        elif method == "adapter":
+        elif method in ("adapter", "tinytl"):
             from .adapters import attach_adapters
-            attach_adapters(model, targets, cfg.peft.adapter_size)
+            attach_adapters(model, targets, cfg.peft.adapter_size, "lite" if method == "tinytl" else "bottleneck")
+            if method == "tinytl":  # TinyTL trains the biases too
+                for part in targets:
+                    for n, w in getattr(model, part).named_parameters():
+                        if n.endswith("bias"):
+                            w.requires_grad_(True)
         else:
             for part in targets:
                 add_peft(model, part, peft_config(cfg, method, part, getattr(model, part)))

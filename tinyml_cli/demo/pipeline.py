@@ -35,6 +35,28 @@ def _preference(out: Path, con, quick: bool, seed: int):
     return run_preference_stages(out, out / "sft", con, quick, seed)
 
 
+def _halva(out: Path, con, quick: bool, seed: int):
+    """HALVA from the sft model on the same hallucination pairs as dpo: POPE false positives on the probe and
+    general VQA on the shapes held-out split, beside dpo's."""
+    from ..core.generation import evaluate_model
+    from ..core.model import load_model
+    from ..stages.halva import run_halva
+    shutil.rmtree(out / "halva", ignore_errors=True)
+    t = time.time()
+    prefs = out / "prefs"
+    cfg = load_config("tiny_halva", [f"model.init_from={out / 'sft'}", f"data.train={prefs / 'pref_train.jsonl'}",
+                                     f"data.eval={prefs / 'pref_eval.jsonl'}", f"train.seed={seed}"]
+                      + (["train.max_steps=3", "train.batch_size=4"] if quick else []))
+    with ui.training_bar(con, "halva") as bar:
+        h = run_halva(cfg, out / "halva", progress=bar)["metrics"]
+    probe, shapes = str(prefs / "pope_probe.jsonl"), str(out / "shapes" / "eval.jsonl")
+    m = {"pope_fp_rate_halva": _pope_fp_rate(out / "halva", probe, cfg),
+         "vqa_accuracy_halva": evaluate_model(load_model(out / "halva"), shapes, cfg)[0]["vqa_accuracy"],
+         "vqa_accuracy_dpo": evaluate_model(load_model(out / "dpo"), shapes, cfg)[0]["vqa_accuracy"],
+         "halva_phrase_accuracy": h.get("eval_phrase_accuracy"), "halva_phrase_accuracy_sft": h.get("eval_phrase_accuracy_before")}
+    return m, {"halva": time.time() - t}, {"halva": str(out / "halva")}
+
+
 def _edge(out: Path, con, quick: bool, seed: int):
     t = time.time()
     with con.status("export: ONNX fp32 and int4, hf-llava; greedy parity and held-out accuracy..."):
@@ -56,7 +78,7 @@ def _bitdelta(out: Path, con, quick: bool, seed: int):
 
 # Stages `--full` adds after sft, in order: each takes (out, console, quick, seed) and returns
 # (metrics, seconds per stage, artifacts), merged into the demo's result.
-FULL_STAGES = [_preference, _edge, _bitdelta]
+FULL_STAGES = [_preference, _halva, _edge, _bitdelta]
 
 
 TINY_SEED = 1234  # build_tiny's default seed: the tiny default of `--seed 0`

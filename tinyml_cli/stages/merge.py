@@ -59,7 +59,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False)
     for adapter in sorted(src.glob("*_adapter")):  # llm_adapter/, and vision_ / connector_adapter/ for LoRA, DoRA
         pcfg = PeftConfig.from_pretrained(str(adapter))
         kind = str(pcfg.peft_type.value if hasattr(pcfg.peft_type, "value") else pcfg.peft_type).lower()
-        if pcfg.is_prompt_learning:
+        if pcfg.is_prompt_learning or getattr(pcfg, "is_adaption_prompt", False):
             raise UserError(f"{kind} adds learned tokens to every sequence and cannot be folded into weights; "
                             f"{src} loads as it is")
     model = load_model(src, adapter=False)
