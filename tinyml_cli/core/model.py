@@ -18,38 +18,19 @@ import contextlib
 import json
 import typing
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import IMAGE_TOKEN, UserError
 from ..config import Part
+from ..records.encoder import Encoder, encoder_for
 from .connectors import build_connector, connector_size
-
-DEFAULT_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'system' %}<|system|>{{ m['content'] }}<|end|>"
-    "{% elif m['role'] == 'user' %}<|user|>{{ m['content'] }}<|end|>"
-    "{% else %}<|assistant|>{{ m['content'] }}<|end|>{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
+from .hfutil import DEFAULT_CHAT_TEMPLATE, _hf_load, adapters_lifted, labelled_loss, prepare_tokenizer  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------------ loading parts
-def _hf_load(fn, ident: str, what: str, **kw):
-    """from_pretrained with a one-line user error for a missing folder or an id that can't be reached.
-
-    Weights load only from safetensors (`use_safetensors=True` where passed): a pickled checkpoint can run
-    code when it is unpickled, so one from a stranger is refused rather than trusted.
-    """
-    try:
-        return fn(ident, **kw)
-    except (OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load {what} '{ident}': {msg}") from None
-
-
 def load_vision(ident: str, trust_remote_code: bool = False, dtype=None):
     """A CLIP / SigLIP vision tower from a vision-only or a full (text+vision) checkpoint, plus its processor."""
     from transformers import (
@@ -96,18 +77,6 @@ def _fit_4bit_cpu_kernels(llm) -> None:
             m.support_avx512bf16_for_cpu = False
 
 
-def prepare_tokenizer(tok, llm) -> None:
-    """Make sure the tokenizer has an image token, a pad token and a chat template; grow embeddings if needed."""
-    if IMAGE_TOKEN not in tok.get_vocab():
-        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    if tok.pad_token is None:
-        tok.pad_token = tok.unk_token or tok.eos_token
-    if not tok.chat_template:
-        tok.chat_template = DEFAULT_CHAT_TEMPLATE
-    if llm is not None and len(tok) > llm.get_input_embeddings().weight.shape[0]:
-        llm.resize_token_embeddings(len(tok))
-
-
 def vision_geometry(vision) -> tuple[int, int]:
     """(hidden size, patch tokens per image) of a ViT-style vision config."""
     cfg = vision.config
@@ -132,6 +101,41 @@ class LMM(nn.Module):
     @property
     def device(self):
         return next(self.llm.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.spec["llm_dim"]
+
+    @property
+    def dtype(self):
+        return next(self.connector.parameters()).dtype  # the LLM's weights may be 4-bit integers (qlora)
+
+    @property
+    def image_tokens(self):
+        return None  # every image is num_image_tokens copies of the image token
+
+    def collator(self, left_pad: bool = False):
+        """The collator of this model's records (padding, pixel tensors)."""
+        from .batching import Collator, ImageLoader
+        return Collator(self.tokenizer.pad_token_id, ImageLoader(self.image_processor), left_pad=left_pad)
+
+    def add_peft(self, configs: dict) -> None:
+        """Wrap each named part in a peft model with its config ({part: peft config})."""
+        from peft import get_peft_model
+        for part, config in configs.items():
+            try:
+                setattr(self, part, get_peft_model(getattr(self, part), config))
+            except ValueError as e:
+                raise UserError(f"peft.method={config.peft_type.value.lower()} on the {part}: "
+                                f"{str(e).splitlines()[0]} (see peft.target_modules)") from None
+
+    def load_adapters(self, path) -> None:
+        """Put the peft adapters saved in a model folder (`PART_adapter/`) back on their parts."""
+        from peft import PeftModel
+        for p in PARTS:
+            if (Path(path) / f"{p}_adapter").is_dir():
+                setattr(self, p, PeftModel.from_pretrained(getattr(self, p), str(Path(path) / f"{p}_adapter"),
+                                                           is_trainable=False))
 
     def base_llm(self):
         """The LLM under any peft wrapper."""
@@ -190,20 +194,7 @@ class LMM(nn.Module):
     def forward(self, input_ids, attention_mask, pixel_values=None, labels=None):
         """Mean next-token loss over labelled positions; logits are computed only where a label is."""
         hidden = self.hidden_states(input_ids, attention_mask, pixel_values)
-        if labels is None:
-            return self.logits_at(hidden)
-        h, y = hidden[:, :-1], labels[:, 1:]
-        keep = y != -100
-        if not keep.any():
-            raise ValueError("no labelled token in the batch")
-        # Only assistant tokens carry labels: projecting just those rows onto the vocabulary saves most of the
-        # logits memory and compute, and chunking bounds it for large vocabularies.
-        h, y = h[keep], y[keep]
-        total = h.new_zeros((), dtype=torch.float32)
-        for i in range(0, y.shape[0], 2048):
-            logits = self.logits_at(h[i:i + 2048]).float()
-            total = total + F.cross_entropy(logits, y[i:i + 2048], reduction="sum")
-        return total / y.shape[0]
+        return self.logits_at(hidden) if labels is None else labelled_loss(self.logits_at, hidden, labels)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens=16, temperature=0.0,
@@ -245,37 +236,12 @@ class LMM(nn.Module):
         (out / "tinyml_model.json").write_text(json.dumps(self.spec, indent=2))
 
 
-@contextlib.contextmanager
-def adapters_lifted(module):
-    """The base model of a peft model with its original layers back in place, until the block ends (any other
-    module: itself).
-
-    peft wraps each adapted layer (`q_proj` -> `q_proj.base_layer` + `lora_A`...); saved as is, the base's own
-    weights would be missing under their real names and re-initialised on load. Swapping the modules (rather
-    than passing a cleaned state dict, which the bitsandbytes quantizer ignores) works for 4-bit bases too.
-    """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    if not hasattr(module, "get_base_model"):
-        yield module
-        return
-    base = module.get_base_model()
-    swapped = []
-    for name, mod in list(base.named_modules()):
-        if isinstance(mod, BaseTunerLayer) and hasattr(mod, "base_layer"):
-            parent_name, _, child = name.rpartition(".")
-            parent = base.get_submodule(parent_name)
-            setattr(parent, child, mod.base_layer)
-            swapped.append((parent, child, mod))
-    try:
-        yield base
-    finally:
-        for parent, child, mod in swapped:
-            setattr(parent, child, mod)
-
-
-def build_model(mcfg, dtype=None, quantization_config=None) -> LMM:
+def build_model(mcfg, dtype=None, quantization_config=None):
     """Compose the model a recipe describes: from `model.init_from` (a tinyml folder) or from its parts."""
     from .prompt_learning import num_virtual_tokens
+    if mcfg.vlm and not mcfg.init_from:
+        from .hf_vlm import build_vlm
+        return build_vlm(mcfg, dtype, quantization_config)
     if mcfg.init_from:
         model = load_model(mcfg.init_from, dtype=dtype, trust_remote_code=mcfg.trust_remote_code,
                            quantization_config=quantization_config)
@@ -308,8 +274,8 @@ def is_model_dir(path: str | Path) -> bool:
 
 
 def load_model(path: str | Path, dtype=None, trust_remote_code: bool = False, adapter: bool = True,
-               quantization_config=None) -> LMM:
-    """Load a saved tinyml model folder; the same `from_pretrained` calls as for hub parts.
+               quantization_config=None):
+    """Load a saved tinyml model folder (either kind); the same `from_pretrained` calls as for hub parts.
 
     A QLoRA run's `llm/` holds the 4-bit base it was trained on, and loads back quantized by itself.
     """
@@ -318,6 +284,9 @@ def load_model(path: str | Path, dtype=None, trust_remote_code: bool = False, ad
     if not is_model_dir(path):
         raise UserError(f"not a tinyml model folder (no tinyml_model.json): {path}")
     spec = json.loads((path / "tinyml_model.json").read_text())
+    if spec.get("format") == "tinyml-vlm/1":
+        from .hf_vlm import load_vlm
+        return load_vlm(path, dtype, trust_remote_code, adapter, quantization_config)
     vision, processor = load_vision(str(path / "vision"), trust_remote_code, dtype)
     llm, tok = load_llm(str(path / "llm"), trust_remote_code, dtype, quantization_config=quantization_config)
     connector = build_connector(spec["connector"], spec["vision_dim"], spec["llm_dim"], *connector_size(spec))
@@ -333,13 +302,9 @@ def load_model(path: str | Path, dtype=None, trust_remote_code: bool = False, ad
     return model
 
 
-def load_peft_adapters(model: LMM, path: str | Path) -> None:
-    """Put the peft adapters saved in a model folder (`PART_adapter/`) back on their parts."""
-    from peft import PeftModel
-    for p in PARTS:
-        if (Path(path) / f"{p}_adapter").is_dir():
-            setattr(model, p, PeftModel.from_pretrained(getattr(model, p), str(Path(path) / f"{p}_adapter"),
-                                                        is_trainable=False))
+def load_peft_adapters(model, path: str | Path) -> None:
+    """Put the peft adapters saved in a model folder back on the model (either kind)."""
+    model.load_adapters(path)
 
 
 def count_params(module: nn.Module) -> tuple[int, int]:
@@ -355,3 +320,31 @@ def resolve_dtype(name: str):
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
     except KeyError:
         raise UserError(f"model.dtype must be auto, fp32, bf16 or fp16, got '{name}'") from None
+
+
+def recipe_encoder(cfg) -> Encoder:
+    """The Encoder of a recipe's model from its tokenizer and image-token count, without loading any weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    m = cfg.model
+    vlm = m.vlm if not m.init_from else ""
+    if m.init_from and json.loads((Path(m.init_from) / "tinyml_model.json").read_text()).get("format") == "tinyml-vlm/1":
+        vlm = str(Path(m.init_from) / "vlm")
+    if vlm:
+        from .hf_vlm import ProcessorImageTokens, load_processor
+        images = ProcessorImageTokens(load_processor(vlm, m.trust_remote_code), vlm)
+        return encoder_for(SimpleNamespace(tokenizer=images.tok, num_image_tokens=None, image_tokens=images), cfg.data)
+    if m.init_from:
+        spec = json.loads((Path(m.init_from) / "tinyml_model.json").read_text())
+        llm, n_img = str(Path(m.init_from) / "llm"), spec["num_image_tokens"]
+    else:
+        if not m.vision:
+            raise UserError("model.vision is not set (needed to count image tokens)")
+        vcfg = _hf_load(AutoConfig.from_pretrained, m.vision, "vision config", trust_remote_code=m.trust_remote_code)
+        vcfg = getattr(vcfg, "vision_config", vcfg)
+        llm = m.llm
+        n_img = ({"resampler": m.resampler_queries, "qformer": m.qformer_queries}.get(m.connector)
+                 or (vcfg.image_size // vcfg.patch_size) ** 2)
+    tok = _hf_load(AutoTokenizer.from_pretrained, llm, "tokenizer", trust_remote_code=m.trust_remote_code)
+    prepare_tokenizer(tok, None)
+    return encoder_for(SimpleNamespace(tokenizer=tok, num_image_tokens=n_img), cfg.data)

@@ -120,9 +120,9 @@ def parse_pair(rec, root: Path, enc: Encoder) -> Pair:
         resp = _messages(rec[key], "assistant", key)
         if len(resp) != 1 or resp[0]["role"] != "assistant" or not resp[0]["content"].strip():
             raise ValueError(f"'{key}' must be one non-empty assistant answer")
-        ids, labels = enc.encode(prompt + resp, len(imgs))
+        ids, labels = enc.encode(prompt + resp, imgs)
         sides.append(Example(ids, response_only(labels), imgs))
-    p_ids, p_labels = enc.encode(prompt, len(imgs), for_generation=True)
+    p_ids, p_labels = enc.encode(prompt, imgs, for_generation=True)
     meta = {k: rec[k] for k in ("id", "type") if k in rec}
     meta["answer"] = _messages(rec["chosen"], "assistant", "chosen")[0]["content"]
     return Pair(sides[0], sides[1], Example(p_ids, p_labels, imgs), meta)

@@ -155,7 +155,6 @@ def run_ppo(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress=
     """Setup -> the loop over rollouts (generate, score, GAE, PPO epochs) -> save."""
     from safetensors.torch import save_file
 
-    from ..core.batching import Collator, ImageLoader
     from ..core.loop import process_state, train
     from ..core.model import count_params
     from ..core.reward_model import ActorCritic, ScalarHead
@@ -176,9 +175,7 @@ def run_ppo(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress=
     if len({len(p.prompt.images) for p in pairs}) > 1 or len(pairs[0].prompt.images) > 1:
         # minibatches index the rollout's tensors by row, pixel_values included: one image per row
         raise UserError("ppo: every prompt needs exactly one image (or every prompt none)")
-    images = ImageLoader(model.image_processor)
-    collate = Collator(model.tokenizer.pad_token_id, images)
-    gen_collate = Collator(model.tokenizer.pad_token_id, images, left_pad=True)
+    collate, gen_collate = model.collator(), model.collator(left_pad=True)
     if model.peft_parts():
         ref, ref_ctx = model, model.adapters_disabled
     else:

@@ -1,0 +1,100 @@
+"""What both kinds of model (composed `model.LMM`, published `hf_vlm.HFVLM`) share: loading with one-line errors,
+the tokenizer's set-up, the labelled-token loss, saving a peft-wrapped model's base, and the linear layers LoRA
+may adapt."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from .. import IMAGE_TOKEN, UserError
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}<|system|>{{ m['content'] }}<|end|>"
+    "{% elif m['role'] == 'user' %}<|user|>{{ m['content'] }}<|end|>"
+    "{% else %}<|assistant|>{{ m['content'] }}<|end|>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _hf_load(fn, ident: str, what: str, **kw):
+    """from_pretrained with a one-line user error for a missing folder or an id that can't be reached.
+
+    Weights load only from safetensors (`use_safetensors=True` where passed): a pickled checkpoint can run
+    code when it is unpickled, so one from a stranger is refused rather than trusted.
+    """
+    try:
+        return fn(ident, **kw)
+    except (OSError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load {what} '{ident}': {msg}") from None
+
+
+def prepare_tokenizer(tok, llm) -> None:
+    """Make sure the tokenizer has an image token, a pad token and a chat template; grow embeddings if needed."""
+    if IMAGE_TOKEN not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    if not tok.chat_template:
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    if llm is not None and len(tok) > llm.get_input_embeddings().weight.shape[0]:
+        llm.resize_token_embeddings(len(tok))
+
+
+def labelled_loss(logits_at, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled positions (both kinds of model).
+
+    Only assistant tokens carry labels: projecting just those rows onto the vocabulary saves most of the logits
+    memory and compute, and chunking bounds it for large vocabularies."""
+    h, y = hidden[:, :-1], labels[:, 1:]
+    keep = y != -100
+    if not keep.any():
+        raise ValueError("no labelled token in the batch")
+    h, y = h[keep], y[keep]
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, y.shape[0], 2048):
+        logits = logits_at(h[i:i + 2048]).float()
+        total = total + F.cross_entropy(logits, y[i:i + 2048], reduction="sum")
+    return total / y.shape[0]
+
+
+@contextlib.contextmanager
+def adapters_lifted(module):
+    """The base model of a peft model with its original layers back in place, until the block ends (any other
+    module: itself).
+
+    peft wraps each adapted layer (`q_proj` -> `q_proj.base_layer` + `lora_A`...); saved as is, the base's own
+    weights would be missing under their real names and re-initialised on load. Swapping the modules (rather
+    than passing a cleaned state dict, which the bitsandbytes quantizer ignores) works for 4-bit bases too.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    if not hasattr(module, "get_base_model"):
+        yield module
+        return
+    base = module.get_base_model()
+    swapped = []
+    for name, mod in list(base.named_modules()):
+        if isinstance(mod, BaseTunerLayer) and hasattr(mod, "base_layer"):
+            parent_name, _, child = name.rpartition(".")
+            parent = base.get_submodule(parent_name)
+            setattr(parent, child, mod.base_layer)
+            swapped.append((parent, child, mod))
+    try:
+        yield base
+    finally:
+        for parent, child, mod in swapped:
+            setattr(parent, child, mod)
+
+
+def linear_names(module) -> list[str]:
+    """Every nn.Linear of a vision tower or connector, except the projections of nn.MultiheadAttention (the
+    resampler's, Q-Former's and SigLIP head's attention): its forward reads their weights directly, so a LoRA
+    wrapped around them would never run."""
+    from torch import nn
+    inside = {f"{n}.{c}" for n, m in module.named_modules() if isinstance(m, nn.MultiheadAttention)
+              for c, _ in m.named_children()}
+    return [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and n not in inside]
