@@ -368,6 +368,44 @@ def load_vlm(path: str | Path, dtype=None, trust_remote_code: bool = False, adap
     return model
 
 
+# Image tokens of one image (one tile) at a family's usual resolution: what `tinyml estimate` counts. Families that
+# resize dynamically (Qwen, LFM2) are counted at the side given here; `--image-size` sets another.
+DEFAULT_SIDE = {"qwen2_5_vl": 448, "qwen3_vl": 448, "lfm2_vl": 512, "qwen2_vl": 448}
+
+
+def vision_config(config):
+    """The vision config's sizes under one set of names (Qwen's say `num_heads` and `depth`)."""
+    from types import SimpleNamespace
+    v = config.vision_config
+    patch = v.patch_size[0] if isinstance(v.patch_size, (list, tuple)) else v.patch_size
+    side = getattr(v, "image_size", None) or DEFAULT_SIDE.get(config.model_type, 448)
+    side = side[0] if isinstance(side, (list, tuple)) else side
+    return SimpleNamespace(model_type=v.model_type, hidden_size=v.hidden_size, patch_size=patch, image_size=side,
+                           intermediate_size=getattr(v, "intermediate_size", 4 * v.hidden_size),
+                           num_attention_heads=getattr(v, "num_attention_heads", None) or v.num_heads,
+                           num_hidden_layers=getattr(v, "num_hidden_layers", None) or getattr(v, "depth", 0))
+
+
+def image_geometry(config, side: int = 0) -> tuple[int, int, int]:
+    """(image side, vision patches, image tokens) of one square image (one tile) for a family's config."""
+    v, fam = vision_config(config), config.model_type
+    side = side or v.image_size
+    patches = (side // v.patch_size) ** 2
+    if fam in ("idefics3", "smolvlm"):
+        tokens = patches // config.scale_factor ** 2
+    elif fam in ("qwen2_5_vl", "qwen3_vl", "qwen2_vl"):
+        tokens = patches // config.vision_config.spatial_merge_size ** 2
+    elif fam == "lfm2_vl":
+        tokens = patches // config.downsample_factor ** 2
+    elif fam == "gemma3":
+        tokens = config.mm_tokens_per_image
+    elif fam == "internvl":
+        tokens = int(patches * config.downsample_ratio ** 2)
+    else:  # llava, paligemma: one token per patch (LLaVA's "default" strategy drops CLIP's CLS token)
+        tokens = patches
+    return side, patches, tokens
+
+
 def num_parameters(model: HFVLM) -> dict:
     """Parameters per part and in all (peft adapters apart): the parts cover the model exactly once."""
     counts = {p: sum(w.numel() for n, w in getattr(model, p).named_parameters() if "lora_" not in n)
