@@ -102,8 +102,11 @@ def collator_for(model) -> PreferenceCollator:
 def process_images(processor, images: list[list]):
     """(image tensors, what each image's placeholder becomes) for images grouped by record, through the
     processor's own image path with its default settings (what `processor(text, images)` does for images)."""
+    import inspect
     kw = processor._merge_kwargs(tokenizer_init_kwargs=processor.tokenizer.init_kwargs, return_tensors="pt")
-    return processor._process_images(images, **kw["images_kwargs"])
+    takes = inspect.signature(processor._process_images).parameters  # LFM2-VL's also takes its own settings
+    extra = {k: v for k, v in kw.items() if k in takes and not k.endswith("_kwargs")}
+    return processor._process_images(images, **kw["images_kwargs"], **extra)
 
 
 def token_types(family: str, processor, input_ids: torch.Tensor, labels: torch.Tensor) -> dict:

@@ -102,6 +102,125 @@ def without_videos(cls):
     return Processor
 
 
+def _lfm2_vl_image_processor():
+    """LFM2-VL's image processor on transformers' PIL backend (transformers ships it for torchvision only): the
+    same smart resize, tiling with a thumbnail, patchify and padding to `max_num_patches`, with numpy. PIL's
+    bilinear resize differs slightly from torchvision's antialiased one, so pixels may differ in the last bits."""
+    import math
+
+    import numpy as np
+    from transformers.image_processing_backends import PilBackend
+    from transformers.image_processing_utils import BatchFeature
+    from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, PILImageResampling, SizeDict
+    from transformers.processing_utils import ImagesKwargs
+
+    class Lfm2VlKwargs(ImagesKwargs, total=False):
+        downsample_factor: int
+        do_image_splitting: bool
+        min_tiles: int
+        max_tiles: int
+        use_thumbnail: bool
+        min_image_tokens: int
+        max_image_tokens: int
+        encoder_patch_size: int
+        tile_size: int
+        max_pixels_tolerance: float
+        return_row_col_info: bool
+
+    class Lfm2VlImageProcessorPil(PilBackend):
+        downsample_factor, do_image_splitting, min_tiles, max_tiles, use_thumbnail = 2, True, 2, 10, True
+        min_image_tokens, max_image_tokens, encoder_patch_size, tile_size, max_pixels_tolerance = 64, 256, 16, 512, 2.0
+        do_resize, size, resample = True, {"height": 512, "width": 512}, PILImageResampling.BILINEAR
+        do_rescale, rescale_factor, do_normalize, do_pad, return_row_col_info = True, 1 / 255, True, True, False
+        image_mean, image_std = IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
+        model_input_names = ["pixel_values", "pixel_attention_mask", "spatial_shapes"]
+        valid_kwargs = Lfm2VlKwargs
+
+        def __init__(self, **kwargs):
+            for k in ("downsample_factor", "do_image_splitting", "min_tiles", "max_tiles", "use_thumbnail",
+                      "min_image_tokens", "max_image_tokens", "encoder_patch_size", "tile_size",
+                      "max_pixels_tolerance", "return_row_col_info"):
+                if k in kwargs:
+                    setattr(self, k, kwargs.pop(k))
+            kwargs.pop("max_num_patches", None)
+            super().__init__(**kwargs)
+            self.max_num_patches = max(self.max_image_tokens * self.downsample_factor ** 2,
+                                       (self.tile_size // self.encoder_patch_size) ** 2 if self.do_image_splitting else 0)
+
+        def to_dict(self):
+            d = super().to_dict()
+            for k in ("downsample_factor", "do_image_splitting", "min_tiles", "max_tiles", "use_thumbnail",
+                      "min_image_tokens", "max_image_tokens", "encoder_patch_size", "tile_size", "max_pixels_tolerance"):
+                d[k] = getattr(self, k)
+            return d
+
+        def _smart_resize(self, h, w):
+            f, p = self.encoder_patch_size * self.downsample_factor, self.encoder_patch_size
+            lo, hi = self.min_image_tokens * p * p * self.downsample_factor ** 2, self.max_image_tokens * p * p * self.downsample_factor ** 2
+            hb, wb = max(f, round(h / f) * f), max(f, round(w / f) * f)
+            if hb * wb > hi:
+                beta = math.sqrt(h * w / hi)
+                hb, wb = max(f, math.floor(h / beta / f) * f), max(f, math.floor(w / beta / f) * f)
+            elif hb * wb < lo:
+                beta = math.sqrt(lo / (h * w))
+                hb, wb = math.ceil(h * beta / f) * f, math.ceil(w * beta / f) * f
+            return hb, wb
+
+        def _grid(self, h, w):
+            ratios = sorted({(a, b) for n in range(self.min_tiles, self.max_tiles + 1) for a in range(1, n + 1)
+                             for b in range(1, n + 1) if self.min_tiles <= a * b <= self.max_tiles}, key=lambda r: r[0] * r[1])
+            best, diff = (1, 1), float("inf")
+            for r in ratios:
+                d = abs(w / h - r[0] / r[1])
+                if d < diff:
+                    best, diff = r, d
+                elif d == diff and h * w > 0.5 * self.tile_size ** 2 * r[0] * r[1]:
+                    best = r
+            return best
+
+        def _preprocess(self, images, resample=None, return_tensors=None, **kwargs):
+            p, f = self.encoder_patch_size, self.encoder_patch_size * self.downsample_factor
+            split = self.do_image_splitting and not self.min_tiles == self.max_tiles == 1
+            mean, std = np.array(self.image_mean)[:, None, None], np.array(self.image_std)[:, None, None]
+            tiles_all, rows, cols, sizes = [], [], [], []
+            for image in images:
+                h, w = image.shape[-2:]
+                hb, wb = self._smart_resize(h, w)
+                large = (max(p, round(h / f) * f) * max(p, round(w / f) * f)
+                         > self.max_image_tokens * p * p * self.downsample_factor ** 2 * self.max_pixels_tolerance)
+                if large and split:
+                    gw, gh = self._grid(h, w)
+                    big = self.resize(image, SizeDict(height=self.tile_size * gh, width=self.tile_size * gw), resample)
+                    t = self.tile_size
+                    tiles = [big[:, r * t:(r + 1) * t, c * t:(c + 1) * t] for r in range(gh) for c in range(gw)]
+                    if self.use_thumbnail and gw * gh != 1:
+                        tiles.append(self.resize(image, SizeDict(height=hb, width=wb), resample))
+                    rows.append(gh), cols.append(gw)
+                else:
+                    tiles = [self.resize(image, SizeDict(height=hb, width=wb), resample)]
+                    rows.append(1), cols.append(1)
+                sizes.append([hb, wb])
+                tiles_all += tiles
+            pixels, masks, shapes = [], [], []
+            for t in tiles_all:
+                t = (t.astype(np.float32) * self.rescale_factor - mean) / std
+                c, th, tw = t.shape
+                nh, nw = th // p, tw // p
+                patches = t.reshape(c, nh, p, nw, p).transpose(1, 3, 2, 4, 0).reshape(nh * nw, p * p * c)
+                mask = np.zeros(self.max_num_patches, dtype=np.int32)
+                mask[:nh * nw] = 1
+                padded = np.zeros((self.max_num_patches, p * p * c), dtype=np.float32)
+                padded[:nh * nw] = patches
+                pixels.append(padded), masks.append(mask), shapes.append([nh, nw])
+            data = {"pixel_values": np.stack(pixels), "pixel_attention_mask": np.stack(masks),
+                    "spatial_shapes": np.array(shapes, dtype=np.int64)}
+            if kwargs.get("return_row_col_info", self.return_row_col_info):
+                data.update(image_rows=rows, image_cols=cols, image_sizes=sizes)
+            return BatchFeature(data=data, tensor_type=return_tensors)
+
+    return Lfm2VlImageProcessorPil
+
+
 def load_processor(ident: str, trust_remote_code: bool = False):
     """AutoProcessor.from_pretrained, or (for a processor with a video part) the family's processor class built
     from its tokenizer, image processor and saved settings without the video processor."""
@@ -126,7 +245,12 @@ def load_processor(ident: str, trust_remote_code: bool = False):
         if attr == "tokenizer":
             args.append(AutoTokenizer.from_pretrained(ident, trust_remote_code=trust_remote_code))
         elif attr == "image_processor":
-            args.append(AutoImageProcessor.from_pretrained(ident, trust_remote_code=trust_remote_code))
+            try:
+                args.append(AutoImageProcessor.from_pretrained(ident, trust_remote_code=trust_remote_code))
+            except (ImportError, ValueError, OSError) as e:
+                if cfg.model_type != "lfm2_vl" or "torchvision" not in str(e):
+                    raise UserError(f"cannot load the image processor of '{ident}': {str(e).splitlines()[0]}") from None
+                args.append(_lfm2_vl_image_processor().from_pretrained(ident))
         elif attr == "video_processor":
             args.append(NoVideos())
         else:

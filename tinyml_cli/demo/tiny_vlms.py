@@ -210,8 +210,8 @@ def _build(family: str, tok):
                                  image_token_id=proc.image_token_id, projection_dim=64)
         model = tf.PaliGemmaForConditionalGeneration(cfg)
     elif family == "lfm2_vl":
-        from ..core.hf_vlm import Lfm2VlImageProcessorPil
-        image_proc = Lfm2VlImageProcessorPil(encoder_patch_size=4, downsample_factor=2, tile_size=16,
+        from ..core.hf_vlm import _lfm2_vl_image_processor
+        image_proc = _lfm2_vl_image_processor()(encoder_patch_size=4, downsample_factor=2, tile_size=16,
                                              min_image_tokens=4, max_image_tokens=16, min_tiles=2, max_tiles=4,
                                              max_num_patches=64, do_image_splitting=True)
         proc = tf.Lfm2VlProcessor(image_proc, tok)
