@@ -354,6 +354,13 @@ class HFVLM(nn.Module):
     def llm(self):
         return PartView(self._parts()["llm"], self.hf)
 
+    def dequantize(self) -> None:
+        """A 4-bit (QLoRA) base as fp32 weights, so that adapters merge into full precision."""
+        from transformers import AutoModelForImageTextToText
+
+        from .hfutil import dequantized
+        self.model = dequantized(self.hf, AutoModelForImageTextToText)
+
     def base_llm(self):
         """The HF model under any peft wrapper (gradient checkpointing, 4-bit checks apply to all of it)."""
         return self.hf
@@ -468,7 +475,9 @@ def _load_hf(ident: str, dtype=None, trust_remote_code: bool = False, quantizati
     from .hfutil import _hf_load
     quant = {}
     if quantization_config is not None:  # QLoRA: the LLM in 4-bit, the vision tower, connector and head kept
-        quantization_config.llm_int8_skip_modules = [*PART_NAMES["vision"], *PART_NAMES["connector"], "lm_head"]
+        # transformers matches these from the start of a module's name or as regexes: any depth here
+        quantization_config.llm_int8_skip_modules = [rf"(?:.*\.)?{n}" for n in
+                                                     (*PART_NAMES["vision"], *PART_NAMES["connector"], "lm_head")]
         quant = {"quantization_config": quantization_config}
     return _hf_load(AutoModelForImageTextToText.from_pretrained, ident, "VLM", dtype=dtype, use_safetensors=True,
                     trust_remote_code=trust_remote_code, attn_implementation=attn_implementation, **quant)

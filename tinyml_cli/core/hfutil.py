@@ -98,3 +98,17 @@ def linear_names(module) -> list[str]:
     inside = {f"{n}.{c}" for n, m in module.named_modules() if isinstance(m, nn.MultiheadAttention)
               for c, _ in m.named_children()}
     return [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and n not in inside]
+
+
+def dequantized(model, auto_cls):
+    """A plain fp32 copy of a 4-bit HF model (QLoRA's base). transformers' dequantized model keeps its loading-time
+    bitsandbytes conversions and cannot save itself, so its weights go into a fresh model built from the config."""
+    import copy
+    weights = model.dequantize(dtype=torch.float32).state_dict()
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = auto_cls.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(weights)
+    plain.generation_config = model.generation_config
+    return plain

@@ -137,6 +137,13 @@ class LMM(nn.Module):
                 setattr(self, p, PeftModel.from_pretrained(getattr(self, p), str(Path(path) / f"{p}_adapter"),
                                                            is_trainable=False))
 
+    def dequantize(self) -> None:
+        """The 4-bit LLM (a QLoRA run's base) as fp32 weights, so that adapters merge into full precision."""
+        from transformers import AutoModelForCausalLM
+
+        from .hfutil import dequantized
+        self.llm = dequantized(self.llm, AutoModelForCausalLM)
+
     def base_llm(self):
         """The LLM under any peft wrapper."""
         return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
