@@ -60,7 +60,7 @@ def part_configs(mcfg):
 
     from transformers import AutoConfig
 
-    from .model import _hf_load
+    from .hfutil import _hf_load, llm_source
     llm, vision, connector, queries = mcfg.llm, mcfg.vision, mcfg.connector, mcfg.resampler_queries
     if mcfg.init_from:
         spec_file = Path(mcfg.init_from) / "tinyml_model.json"
@@ -72,7 +72,7 @@ def part_configs(mcfg):
     if not llm or not vision:
         raise UserError("model.llm and model.vision must be set (hub ids or folders holding a config.json)")
     kw = {"trust_remote_code": mcfg.trust_remote_code}
-    lcfg = _hf_load(AutoConfig.from_pretrained, llm, "LLM config", **kw)
+    lcfg = _hf_load(AutoConfig.from_pretrained, llm_source(llm), "LLM config", **kw)
     vcfg = _hf_load(AutoConfig.from_pretrained, vision, "vision config", **kw)
     return lcfg, getattr(vcfg, "vision_config", vcfg), connector, queries
 
@@ -134,6 +134,10 @@ class MetaLMM:
 
     def tokens_for(self, num_patches: int) -> int:
         return self.connector.num_tokens(num_patches)
+
+    def add_peft(self, configs: dict) -> None:
+        from .hfutil import wrap_parts
+        wrap_parts(self, configs)
 
     def __init__(self, cfg, dtype):
         import torch

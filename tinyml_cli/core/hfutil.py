@@ -112,3 +112,57 @@ def dequantized(model, auto_cls):
     plain.load_state_dict(weights)
     plain.generation_config = model.generation_config
     return plain
+
+
+def gguf_folder(path: str) -> str:
+    """A `.gguf` causal LM as an ordinary HF folder, dequantized once and cached under TINYML_CACHE
+    (~/.cache/tinyml). transformers dequantizes GGUF weights with the `gguf` package, but refuses to
+    `save_pretrained` a model loaded that way: the weights go into a model rebuilt from its config."""
+    import os
+    from pathlib import Path
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"GGUF file not found: {path}")
+    st = p.stat()
+    cache = Path(os.environ.get("TINYML_CACHE", Path.home() / ".cache" / "tinyml")) / "gguf"
+    out = cache / f"{p.stem}-{st.st_size}-{st.st_mtime_ns}"
+    if (out / "config.json").is_file():
+        return str(out)
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise UserError(f"{path}: reading GGUF needs the gguf package (pip install -e '.[real]')") from None
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    kw = {"gguf_file": p.name}
+    tok = _hf_load(AutoTokenizer.from_pretrained, str(p.parent), "GGUF tokenizer", **kw)
+    llm = _hf_load(AutoModelForCausalLM.from_pretrained, str(p.parent), "GGUF LLM", dtype=torch.float32, **kw)
+    config = copy.deepcopy(llm.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(llm.state_dict())
+    plain.generation_config = llm.generation_config
+    tmp = out.with_name(out.name + ".tmp")
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return str(out)
+
+
+def llm_source(ident: str) -> str:
+    """`model.llm` as something from_pretrained takes: a hub id, a folder, or a .gguf file's dequantized folder."""
+    return gguf_folder(ident) if str(ident).lower().endswith(".gguf") else ident
+
+
+def wrap_parts(model, configs: dict) -> None:
+    """Wrap each named part of a composed model in a peft model ({part: peft config}); a target that matches
+    nothing in it is a user error."""
+    from peft import get_peft_model
+    for part, config in configs.items():
+        try:
+            setattr(model, part, get_peft_model(getattr(model, part), config))
+        except ValueError as e:
+            raise UserError(f"peft.method={config.peft_type.value.lower()} on the {part}: "
+                            f"{str(e).splitlines()[0]} (see peft.target_modules)") from None

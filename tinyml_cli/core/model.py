@@ -27,7 +27,14 @@ from .. import IMAGE_TOKEN, UserError
 from ..config import Part
 from ..records.encoder import Encoder, encoder_for
 from .connectors import build_connector, connector_size
-from .hfutil import DEFAULT_CHAT_TEMPLATE, _hf_load, adapters_lifted, labelled_loss, prepare_tokenizer  # noqa: F401
+from .hfutil import (  # noqa: F401
+    DEFAULT_CHAT_TEMPLATE,
+    _hf_load,
+    adapters_lifted,
+    labelled_loss,
+    llm_source,
+    prepare_tokenizer,
+)
 
 
 # ------------------------------------------------------------------------------------------ loading parts
@@ -57,6 +64,7 @@ def load_llm(ident: str, trust_remote_code: bool = False, dtype=None, attn_imple
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if not ident:
         raise UserError("model.llm is not set (a hub id or a local folder)")
+    ident = llm_source(ident)
     tok = _hf_load(AutoTokenizer.from_pretrained, ident, "tokenizer", trust_remote_code=trust_remote_code)
     quant = {"quantization_config": quantization_config} if quantization_config is not None else {}
     llm = _hf_load(AutoModelForCausalLM.from_pretrained, ident, "LLM", dtype=dtype, use_safetensors=True,
@@ -121,13 +129,8 @@ class LMM(nn.Module):
 
     def add_peft(self, configs: dict) -> None:
         """Wrap each named part in a peft model with its config ({part: peft config})."""
-        from peft import get_peft_model
-        for part, config in configs.items():
-            try:
-                setattr(self, part, get_peft_model(getattr(self, part), config))
-            except ValueError as e:
-                raise UserError(f"peft.method={config.peft_type.value.lower()} on the {part}: "
-                                f"{str(e).splitlines()[0]} (see peft.target_modules)") from None
+        from .hfutil import wrap_parts
+        wrap_parts(self, configs)
 
     def load_adapters(self, path) -> None:
         """Put the peft adapters saved in a model folder (`PART_adapter/`) back on their parts."""
@@ -349,7 +352,7 @@ def recipe_encoder(cfg) -> Encoder:
             raise UserError("model.vision is not set (needed to count image tokens)")
         vcfg = _hf_load(AutoConfig.from_pretrained, m.vision, "vision config", trust_remote_code=m.trust_remote_code)
         vcfg = getattr(vcfg, "vision_config", vcfg)
-        llm = m.llm
+        llm = llm_source(m.llm)
         n_img = ({"resampler": m.resampler_queries, "qformer": m.qformer_queries}.get(m.connector)
                  or (vcfg.image_size // vcfg.patch_size) ** 2)
     tok = _hf_load(AutoTokenizer.from_pretrained, llm, "tokenizer", trust_remote_code=m.trust_remote_code)
