@@ -280,7 +280,71 @@ def build_model(mcfg, dtype=None, quantization_config=None):
 
 
 def is_model_dir(path: str | Path) -> bool:
-    return (Path(path) / "tinyml_model.json").is_file()
+    """A tinyml model folder, or a transformers LLaVA checkpoint (taken in as a composed model)."""
+    return (Path(path) / "tinyml_model.json").is_file() or is_llava_dir(path)
+
+
+def is_llava_dir(path: str | Path) -> bool:
+    cfg = Path(path) / "config.json"
+    return (not (Path(path) / "tinyml_model.json").is_file() and cfg.is_file()
+            and json.loads(cfg.read_text()).get("model_type") == "llava")
+
+
+def load_llava(path: str | Path, dtype=None) -> LMM:
+    """A transformers `LlavaForConditionalGeneration` checkpoint (LLaVA-1.5, a converted TinyLLaVA, or tinyml's own
+    `export --format hf-llava`) as a composed model: its vision tower, its projector as the mlp2x_gelu connector
+    (a `linear` activation: the linear connector, whose second layer is folded in) and its language model, so that
+    every command, ONNX export and int4 included, runs on it. The inverse of `export.export_hf_llava`."""
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        CLIPVisionModel,
+        LlavaForConditionalGeneration,
+        SiglipVisionModel,
+    )
+    c = _hf_load(AutoConfig.from_pretrained, str(path), "LLaVA config")  # checked before any weight is read
+    kind = c.vision_config.model_type.replace("_vision_model", "")
+    if kind not in ("clip", "siglip"):
+        raise UserError(f"{path}: LLaVA with a {c.vision_config.model_type} vision tower (CLIP or SigLIP only)")
+    if not isinstance(c.vision_feature_layer, int):
+        raise UserError(f"{path}: vision_feature_layer {c.vision_feature_layer} (several layers) has no tinyml equivalent")
+    if kind == "clip" and c.vision_feature_select_strategy != "default":
+        raise UserError(f"{path}: CLIP features with the CLS token kept ('full') have no tinyml equivalent")
+    if c.projector_hidden_act not in ("gelu", "linear"):
+        raise UserError(f"{path}: projector activation {c.projector_hidden_act} (tinyml's MLP connector uses gelu)")
+    llava = _hf_load(LlavaForConditionalGeneration.from_pretrained, str(path), "LLaVA checkpoint", dtype=dtype,
+                     use_safetensors=True)
+    vision = {"siglip": SiglipVisionModel, "clip": CLIPVisionModel}[kind](c.vision_config)
+    vision.load_state_dict(llava.model.vision_tower.state_dict())
+    llm = AutoModelForCausalLM.from_config(c.text_config, dtype=dtype)
+    llm.get_decoder().load_state_dict(llava.model.language_model.state_dict())
+    if not c.text_config.tie_word_embeddings:
+        llm.get_output_embeddings().load_state_dict(llava.lm_head.state_dict())
+    p = llava.model.multi_modal_projector
+    vdim, ldim = p.linear_1.in_features, p.linear_2.out_features
+    kind_c = "mlp2x_gelu" if c.projector_hidden_act == "gelu" else "linear"
+    connector = build_connector(kind_c, vdim, ldim)
+    with torch.no_grad():
+        if kind_c == "mlp2x_gelu":
+            connector.proj[0].load_state_dict(p.linear_1.state_dict())
+            connector.proj[2].load_state_dict(p.linear_2.state_dict())
+        else:  # two linear layers in a row are one: W2 (W1 x + b1) + b2
+            connector.proj[0].weight.copy_(p.linear_2.weight @ p.linear_1.weight)
+            connector.proj[0].bias.copy_(p.linear_2.weight @ p.linear_1.bias + p.linear_2.bias)
+    if dtype is not None:
+        vision.to(dtype), connector.to(dtype)
+    tok = _hf_load(AutoTokenizer.from_pretrained, str(path), "tokenizer")
+    processor = _hf_load(AutoImageProcessor.from_pretrained, str(path), "image processor")
+    prepare_tokenizer(tok, llm)
+    if tok.convert_tokens_to_ids(IMAGE_TOKEN) != c.image_token_id:
+        raise UserError(f"{path}: the image token is id {c.image_token_id}, not the tokenizer's {IMAGE_TOKEN}")
+    vdim_, patches = vision_geometry(vision)
+    spec = {"format": "tinyml-lmm/1", "connector": kind_c, "vision_dim": vdim, "llm_dim": ldim, "num_patches": patches,
+            "num_image_tokens": connector.num_tokens(patches), "vision_feature_layer": c.vision_feature_layer,
+            "llm_source": str(path), "vision_source": str(path), "imported_from": "hf-llava"}
+    return LMM(vision.eval(), connector, llm, tok, processor, spec)
 
 
 def load_model(path: str | Path, dtype=None, trust_remote_code: bool = False, adapter: bool = True,
@@ -293,6 +357,8 @@ def load_model(path: str | Path, dtype=None, trust_remote_code: bool = False, ad
     path = Path(path)
     if not is_model_dir(path):
         raise UserError(f"not a tinyml model folder (no tinyml_model.json): {path}")
+    if is_llava_dir(path):
+        return load_llava(path, dtype)
     spec = json.loads((path / "tinyml_model.json").read_text())
     if spec.get("format") == "tinyml-vlm/1":
         from .hf_vlm import load_vlm
