@@ -75,7 +75,7 @@ def build_vision(out: Path, steps: int, n_scenes: int, seed: int = 1234) -> Path
 
 
 def run(work: Path, gguf: Path, align_steps: int, sft_steps: int, images: int, n_eval: int, vision_steps: int,
-        batch: int) -> dict:
+        batch: int, edge: bool = True) -> dict:
     from tinyml_cli.config import load_config
     from tinyml_cli.demo.pipeline import edge_demo_metrics
     from tinyml_cli.demo.synth import synth_shapes
@@ -101,6 +101,16 @@ def run(work: Path, gguf: Path, align_steps: int, sft_steps: int, images: int, n
                                  "train.lr=1e-3", f"data.eval={data / 'eval.jsonl'}", *common])
     sft = run_sft(sft_cfg, work / "sft", "sft")
     ev = run_eval(str(work / "sft"), sft_cfg, None)["metrics"]
+    figures = {"llm": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)", "params": sft["total_params"],
+               "trainable_params_sft": sft["trainable_params"],
+               "align_loss_first": align["metrics"]["loss_first"], "align_loss_last": align["metrics"]["loss_last"],
+               "sft_loss_first": sft["metrics"]["loss_first"], "sft_loss_last": sft["metrics"]["loss_last"],
+               "align_steps": align_steps, "sft_steps": sft_steps, "batch_size": batch,
+               "align_seconds": align["metrics"]["seconds"], "sft_seconds": sft["metrics"]["seconds"],
+               "vqa_accuracy": ev["vqa_accuracy"], "vqa_accuracy_by_type": ev["vqa_accuracy_by_type"],
+               "eval_questions": ev["n"]}
+    if not edge:
+        return {**figures, "seconds": time.time() - t0}
     edge = edge_demo_metrics(work / "sft", data / "eval.jsonl", work / "edge", sft_cfg)
     # the torch-free runner's decode speed: greedy answers to the held-out prompts, fp32 ONNX, one prompt at a time
     runner = OnnxLMM(work / "edge" / "onnx")
@@ -108,14 +118,7 @@ def run(work: Path, gguf: Path, align_steps: int, sft_steps: int, images: int, n
     t1 = time.time()
     tokens = runner.generated_tokens(examples, sft_cfg.gen.max_new_tokens, batch_size=1)
     tps = sum(len(t) for t in tokens) / (time.time() - t1)
-    return {"llm": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)", "params": sft["total_params"],
-            "trainable_params_sft": sft["trainable_params"],
-            "align_loss_first": align["metrics"]["loss_first"], "align_loss_last": align["metrics"]["loss_last"],
-            "sft_loss_first": sft["metrics"]["loss_first"], "sft_loss_last": sft["metrics"]["loss_last"],
-            "align_steps": align_steps, "sft_steps": sft_steps, "batch_size": batch,
-            "align_seconds": align["metrics"]["seconds"], "sft_seconds": sft["metrics"]["seconds"],
-            "vqa_accuracy": ev["vqa_accuracy"], "vqa_accuracy_by_type": ev["vqa_accuracy_by_type"],
-            "eval_questions": ev["n"], "tokens_per_s": tps, "onnx_greedy_match": edge["onnx_greedy_match"],
+    return {**figures, "tokens_per_s": tps, "onnx_greedy_match": edge["onnx_greedy_match"],
             "int4_greedy_match": edge["int4_greedy_match"], "vqa_accuracy_onnx": edge["vqa_accuracy_onnx"],
             "vqa_accuracy_int4": edge["vqa_accuracy_int4"], "int4_size_ratio": edge["int4_size_ratio"],
             "onnx_fp32_bytes": edge["onnx_fp32_bytes"], "onnx_int4_bytes": edge["onnx_int4_bytes"],

@@ -149,3 +149,26 @@ def test_family_post_trains_saves_merges_prefers_and_generates(family, tmp_path_
     assert row["adapter_reload_max_diff"] <= 1e-4 and row["merge_max_diff"] <= 1e-4
     assert row["dpo_ok"] and row["generate_ok"]
     assert row["params_exact"] and row["estimate_params_exact"]
+
+
+# Published checkpoints' config.json (examples/configs): exact counts of the architecture the config describes; each
+# matches the figure its model card gives (256M, 3.75B, 451M, 3B: PaliGemma 2 "3B" is 3.03B).
+PUBLISHED = [("smolvlm-256m-instruct", 256_484_928, 64), ("qwen2.5-vl-3b-instruct", 3_754_622_976, 256),
+             ("lfm2-vl-450m", 450_822_656, 256), ("paligemma2-3b-pt-224", 3_032_242_416, 256)]
+
+
+@pytest.mark.parametrize("name,params,image_tokens", PUBLISHED)
+def test_published_configs_estimate_with_exact_counts(name, params, image_tokens):
+    from tinyml_cli.stages.estimate import run_estimate
+    root = Path(__file__).resolve().parents[2] / "examples" / "configs" / name
+    cfg = load_config(None, [f"model.vlm={root}", "peft.method=lora", "data.max_length=2048", "train.batch_size=1"])
+    r = run_estimate(cfg, device="cuda", gib=24)
+    m = r["metrics"]
+    assert m["params"]["total"] == params
+    assert m["image_tokens"] == image_tokens  # one tile at the family's default resolution
+    assert 0 < m["params"]["trainable"] < m["params"]["total"] / 20  # LoRA: a few percent
+    for part in ("vision", "connector"):
+        assert m["breakdown"][f"weights_{part}"] == 2 * m["params"][part]  # bf16 on a GPU
+    # the LLM's bf16 weights and its LoRA adapters (fp32)
+    assert m["breakdown"]["weights_llm"] == 2 * m["params"]["llm"] + 4 * m["params"]["adapters"]
+    assert m["total_bytes"] > m["breakdown"]["weights_llm"]
