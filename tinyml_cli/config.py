@@ -30,7 +30,9 @@ def _f(default, help: str):
 
 @dataclass
 class ModelConfig:
-    llm: str = _f("", "causal LM: hub id or local folder (AutoModelForCausalLM)")
+    vlm: str = _f("", "a published VLM instead of llm + vision + connector: hub id or folder of any "
+                      "AutoModelForImageTextToText checkpoint with its processor (SmolVLM, Qwen2.5-VL, Gemma 3...)")
+    llm: str = _f("", "causal LM: hub id, local folder (AutoModelForCausalLM) or a .gguf file (dequantized)")
     vision: str = _f("", "vision encoder: hub id or local folder (CLIP / SigLIP vision or full model)")
     connector: Literal["linear", "mlp2x_gelu", "resampler", "qformer", "c-abstractor", "xattn"] = _f(
         "mlp2x_gelu", "image features -> LLM: linear (VILA), mlp2x_gelu (LLaVA-1.5), resampler (Flamingo perceiver), "
@@ -273,6 +275,11 @@ def check(cfg: RunConfig) -> RunConfig:
         ) if bad]
         if why:
             raise UserError("train.optimizer_in_backward needs " + "; ".join(why))
+    if cfg.model.vlm and (cfg.model.llm or cfg.model.vision):
+        raise UserError("model.vlm is a whole model: leave model.llm and model.vision unset with it")
+    if cfg.model.vlm and p.method in ("ia3", "adapter", "prompt-tuning", "prefix-tuning", "llama-adapter", "tinytl"):
+        raise UserError(f"peft.method={p.method} is not available for model.vlm checkpoints: use full, freeze, "
+                        "lora, dora, qlora or bitfit")
     if p.method in ("ia3", "prompt-tuning", "prefix-tuning", "llama-adapter") and list(dict.fromkeys(p.parts)) != ["llm"]:
         raise UserError(f"peft.method={p.method} applies to the LLM only: set peft.parts=[llm]")
     if p.method == "qlora" and "llm" not in p.parts:

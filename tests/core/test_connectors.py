@@ -31,7 +31,7 @@ def test_qformer_queries_attend_to_each_other_and_to_the_image():
 
 
 def test_qformer_model_saves_and_loads(tiny_cfg, shapes, tmp_path):
-    from tinyml_cli.core.batching import recipe_encoder as encoder_for
+    from tinyml_cli.core.model import recipe_encoder as encoder_for
     cfg = tiny_cfg("model.connector=qformer", "model.qformer_queries=5", "model.qformer_layers=1")
     model = build_model(cfg.model)
     assert model.num_image_tokens == 5 and encoder_for(cfg).n_img == 5

@@ -34,7 +34,8 @@ def _step_grads(model, examples, step_fn, tcfg, out_dir, batch_size, grad_accum)
                     seen[names[id(p)]] = p.grad.detach().clone()
     tcfg = dataclasses.replace(tcfg, batch_size=batch_size, grad_accum=grad_accum, max_steps=1, lr=0.0,
                                max_grad_norm=0.0, log_every=1, scheduler="constant", warmup_ratio=0.0)
-    collate = Collator(model.tokenizer.pad_token_id, ImageLoader(model.image_processor))
+    lmm = getattr(model, "student", model)  # BitDelta's Distillation wraps the model that holds the tokenizer
+    collate = Collator(lmm.tokenizer.pad_token_id, ImageLoader(lmm.image_processor))
     out_dir.mkdir()
     handle = register_optimizer_step_pre_hook(grab)
     try:
@@ -79,7 +80,7 @@ def test_accumulation_weighs_tokens_sft_and_align(tiny_model, tiny_cfg, two_reco
 
 
 def test_accumulation_weighs_tokens_bitdelta_distillation(tiny_model, two_records, tiny_cfg, tmp_path):
-    from tinyml_cli.core.bitdelta import compress, delta_attached, distill_step
+    from tinyml_cli.core.bitdelta import Distillation, compress, delta_attached, distill_step
     base, ft = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -93,8 +94,8 @@ def test_accumulation_weighs_tokens_bitdelta_distillation(tiny_model, two_record
     assert len(records[1].input_ids) > 3 * len(records[0].input_ids)
     with delta_attached(base, compress(base, ft)):
         tcfg = tiny_cfg().train
-        one, loss_one = _step_grads(base, records, distill_step(ft), tcfg, tmp_path / "b2", 2, 1)
-        acc, loss_acc = _step_grads(base, records, distill_step(ft), tcfg, tmp_path / "b1x2", 1, 2)
+        one, loss_one = _step_grads(Distillation(base, ft), records, distill_step, tcfg, tmp_path / "b2", 2, 1)
+        acc, loss_acc = _step_grads(Distillation(base, ft), records, distill_step, tcfg, tmp_path / "b1x2", 1, 2)
     assert all(n.endswith(".scale") for n in one)
     _assert_same(one, acc)
     assert loss_acc == pytest.approx(loss_one, rel=1e-5)

@@ -18,7 +18,7 @@ def enc(tiny_model):
 
 def test_only_assistant_tokens_are_labelled(enc, tiny_model):
     tok = tiny_model.tokenizer
-    ids, labels = enc.encode(CONV, n_images=1)
+    ids, labels = enc.encode(CONV, 1)
     labelled = [t for t, l in zip(ids, labels) if l != -100]
     # exactly the two answers, each followed by the end-of-turn token
     assert tok.decode(labelled) == "red<|end|>two<|end|>"
@@ -26,7 +26,7 @@ def test_only_assistant_tokens_are_labelled(enc, tiny_model):
 
 
 def test_image_tokens_expanded_and_never_labelled(enc, tiny_model):
-    ids, labels = enc.encode(CONV, n_images=1)
+    ids, labels = enc.encode(CONV, 1)
     img = [i for i, t in enumerate(ids) if t == tiny_model.image_token_id]
     # the tiny default: 32x32 images in 16x16 patches, one token per patch and no CLS token
     assert len(img) == tiny_model.num_image_tokens == 4
@@ -36,42 +36,42 @@ def test_image_tokens_expanded_and_never_labelled(enc, tiny_model):
 
 def test_text_matches_chat_template(enc, tiny_model):
     tok = tiny_model.tokenizer
-    ids, _ = enc.encode(CONV, n_images=1)
+    ids, _ = enc.encode(CONV, 1)
     text = tok.decode(ids).replace("<image>" * tiny_model.num_image_tokens, "<image>")
     assert text == tok.apply_chat_template(CONV, tokenize=False)
 
 
 def test_generation_prompt_ends_with_assistant_tag(enc, tiny_model):
-    ids, labels = enc.encode(CONV[:2], n_images=1, for_generation=True)
+    ids, labels = enc.encode(CONV[:2], 1, for_generation=True)
     assert tiny_model.tokenizer.decode(ids[-1:]) == "<|assistant|>"
     assert set(labels) == {-100}
 
 
 def test_placeholder_count_must_match_images(enc):
     with pytest.raises(ValueError, match="placeholder"):
-        enc.encode(CONV, n_images=0)
+        enc.encode(CONV, 0)
     with pytest.raises(ValueError, match="placeholder"):
         enc.encode([{"role": "user", "content": "<image><image> hi"}, {"role": "assistant", "content": "x"}], 1)
 
 
 def test_truncation_never_cuts_image_tokens(tiny_model, enc):
-    ids, _ = enc.encode(CONV, n_images=1)
+    ids, _ = enc.encode(CONV, 1)
     first_img = ids.index(tiny_model.image_token_id)
     # a limit that ends in the middle of the image tokens
     short = Encoder(tiny_model.tokenizer, tiny_model.num_image_tokens,
                     max_length=first_img + tiny_model.num_image_tokens // 2)
     with pytest.raises(ValueError, match="image tokens end at"):
-        short.encode(CONV, n_images=1)
+        short.encode(CONV, 1)
 
 
 def test_truncation_keeps_a_label_or_errors(tiny_model, enc):
-    ids, labels = enc.encode(CONV, n_images=1)
+    ids, labels = enc.encode(CONV, 1)
     first_label = next(i for i, l in enumerate(labels) if l != -100)
     cut = Encoder(tiny_model.tokenizer, tiny_model.num_image_tokens, max_length=first_label)
     with pytest.raises(ValueError, match="no assistant token left"):
-        cut.encode(CONV, n_images=1)
+        cut.encode(CONV, 1)
     ok = Encoder(tiny_model.tokenizer, tiny_model.num_image_tokens, max_length=first_label + 2)
-    ids2, labels2 = ok.encode(CONV, n_images=1)
+    ids2, labels2 = ok.encode(CONV, 1)
     assert len(ids2) == first_label + 2 and ids2 == ids[:first_label + 2]
 
 

@@ -155,7 +155,7 @@ def test_conversational_trl_preference_data_set_trains(shapes, tiny, tmp_path):
     import datasets
 
     from tinyml_cli.config import load_config
-    from tinyml_cli.core.batching import recipe_encoder
+    from tinyml_cli.core.model import recipe_encoder
     from tinyml_cli.demo.synth import synth_preferences
     from tinyml_cli.records.preferences import load_pairs
     from tinyml_cli.stages.dpo import run_dpo

@@ -4,15 +4,12 @@ pairs as 2B rows, and a recipe's encoder made without loading weights."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from .. import UserError
 from ..records.conversations import Example, open_rgb
-from ..records.encoder import Encoder, encoder_for
 from ..records.preferences import Pair
 
 
@@ -64,33 +61,15 @@ class Collator:
         out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         if paths:
             try:
-                out["pixel_values"] = self.images(paths)
+                out["pixel_values"] = self.pixels(batch, ids, labels)
             except UserError as e:  # name the record too: an image can break only when it is decoded
                 where = next((x.meta.get("where") for x in batch for q in x.images if str(q) in str(e)), None)
                 raise UserError(f"{where}: {e}" if where else str(e)) from None
         return out
 
-
-def recipe_encoder(cfg) -> Encoder:
-    """The Encoder of a recipe's model from its tokenizer and image-token count, without loading any weights."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from .model import _hf_load, prepare_tokenizer
-    m = cfg.model
-    if m.init_from:
-        spec = json.loads((Path(m.init_from) / "tinyml_model.json").read_text())
-        llm, n_img = str(Path(m.init_from) / "llm"), spec["num_image_tokens"]
-    else:
-        if not m.vision:
-            raise UserError("model.vision is not set (needed to count image tokens)")
-        vcfg = _hf_load(AutoConfig.from_pretrained, m.vision, "vision config", trust_remote_code=m.trust_remote_code)
-        vcfg = getattr(vcfg, "vision_config", vcfg)
-        llm = m.llm
-        n_img = ({"resampler": m.resampler_queries, "qformer": m.qformer_queries}.get(m.connector)
-                 or (vcfg.image_size // vcfg.patch_size) ** 2)
-    tok = _hf_load(AutoTokenizer.from_pretrained, llm, "tokenizer", trust_remote_code=m.trust_remote_code)
-    prepare_tokenizer(tok, None)
-    return encoder_for(SimpleNamespace(tokenizer=tok, num_image_tokens=n_img), cfg.data)
+    def pixels(self, batch: list[Example], ids, labels):
+        """The batch's image input (a processor-based model's collator returns its family's tensors here)."""
+        return self.images([p for e in batch for p in e.images])
 
 
 class PreferenceCollator:
@@ -116,4 +95,67 @@ def pair_batches(pairs: list[Pair], collate, batch_size: int, device):
 
 
 def collator_for(model) -> PreferenceCollator:
-    return PreferenceCollator(Collator(model.tokenizer.pad_token_id, ImageLoader(model.image_processor)))
+    return PreferenceCollator(model.collator())
+
+
+# ------------------------------------------------------------------ processor-based models (core/hf_vlm.py)
+def process_images(processor, images: list[list]):
+    """(image tensors, what each image's placeholder becomes) for images grouped by record, through the
+    processor's own image path with its default settings (what `processor(text, images)` does for images)."""
+    import inspect
+    kw = processor._merge_kwargs(tokenizer_init_kwargs=processor.tokenizer.init_kwargs, return_tensors="pt")
+    takes = inspect.signature(processor._process_images).parameters  # LFM2-VL's also takes its own settings
+    extra = {k: v for k, v in kw.items() if k in takes and not k.endswith("_kwargs")}
+    return processor._process_images(images, **kw["images_kwargs"], **extra)
+
+
+def token_types(family: str, processor, input_ids: torch.Tensor, labels: torch.Tensor) -> dict:
+    """The per-token inputs some families' forward takes beside the ids: Qwen's `mm_token_type_ids` (for M-RoPE),
+    Gemma 3's `token_type_ids` (image tokens attend to each other both ways), PaliGemma's `token_type_ids`
+    (0: the prefix, attended both ways; 1: the answer, the suffix)."""
+    names = processor.model_input_names
+    if family == "paligemma":
+        return {"token_type_ids": (labels != -100).long()}
+    out = {}
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        if key in names:
+            out[key] = torch.tensor(processor.create_mm_token_type_ids(input_ids.tolist()), dtype=torch.long)
+    return out
+
+
+class VisionInputs(dict):
+    """A batch's image tensors and the family's extras, carried under one key (`pixel_values`) so that every
+    stage moves and passes them as it does the composed model's pixel tensor."""
+
+    def to(self, device):
+        return VisionInputs({k: v.to(device) for k, v in self.items()})
+
+    def detach(self):
+        return VisionInputs({k: v.detach() for k, v in self.items()})
+
+    def cpu(self):
+        return self.to("cpu")
+
+
+class ProcessorCollator(Collator):
+    """Pads records like `Collator`; images go through the family's processor (a `model.vlm` checkpoint), whose
+    tensors and the family's per-token inputs travel together as `pixel_values` (a `VisionInputs`)."""
+
+    def __init__(self, processor, family: str, forward_inputs: set, left_pad: bool = False):
+        super().__init__(processor.tokenizer.pad_token_id, None, left_pad)
+        self.processor, self.family, self.forward_inputs = processor, family, forward_inputs
+
+    def pixels(self, batch, ids, labels):
+        images = []
+        for e in batch:
+            row = []
+            for p in e.images:
+                try:
+                    row.append(open_rgb(p))
+                except (OSError, ValueError) as err:
+                    raise UserError(f"cannot read image {p}: {err}") from None
+            images.append(row)
+        out, _ = process_images(self.processor, images)
+        inputs = VisionInputs({k: v for k, v in out.items() if k in self.forward_inputs and torch.is_tensor(v)})
+        inputs.update(token_types(self.family, self.processor, ids, labels))
+        return inputs

@@ -239,8 +239,8 @@ def load_full_precision(path: str | Path, dtype=None):
     model = load_model(path, dtype=dtype)
     if getattr(model.base_llm(), "is_loaded_in_4bit", False):
         raise UserError(f"{path}: a 4-bit (QLoRA) model; BitDelta needs full-precision weights")
-    if hasattr(model.llm, "merge_and_unload"):
-        model.llm = model.llm.merge_and_unload()
+    if model.peft_parts():
+        model.merge_adapters()
     return model
 
 

@@ -61,7 +61,7 @@ def part_configs(mcfg):
 
     from transformers import AutoConfig
 
-    from .model import _hf_load
+    from .hfutil import _hf_load, llm_source
     llm, vision, connector = mcfg.llm, mcfg.vision, mcfg
     if mcfg.init_from:
         spec_file = Path(mcfg.init_from) / "tinyml_model.json"
@@ -72,16 +72,76 @@ def part_configs(mcfg):
     if not llm:
         raise UserError("model.llm must be set (a hub id or a folder holding a config.json)")
     kw = {"trust_remote_code": mcfg.trust_remote_code}
-    lcfg = _hf_load(AutoConfig.from_pretrained, llm, "LLM config", **kw)
+    lcfg = _hf_load(AutoConfig.from_pretrained, llm_source(llm), "LLM config", **kw)
     if not vision:  # a text-only LLM
         return lcfg, None, connector
     vcfg = _hf_load(AutoConfig.from_pretrained, vision, "vision config", **kw)
     return lcfg, getattr(vcfg, "vision_config", vcfg), connector
 
 
+def vlm_source(mcfg) -> str:
+    """The `model.vlm` checkpoint a recipe trains (directly or through `model.init_from`), or ""."""
+    import json
+    if mcfg.init_from:
+        spec = Path(mcfg.init_from) / "tinyml_model.json"
+        if spec.is_file() and json.loads(spec.read_text()).get("format") == "tinyml-vlm/1":
+            return str(Path(mcfg.init_from) / "vlm")
+        return ""
+    return mcfg.vlm
+
+
+class MetaVLM:
+    """A `model.vlm` checkpoint built from its config.json on the meta device (no weights read), with the recipe's
+    trainable parts, seen through the same attributes as `MetaLMM`."""
+
+    def __init__(self, cfg, dtype, source: str):
+        import torch
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        from .hf_vlm import HFVLM, image_geometry, vision_config
+        from .hfutil import _hf_load
+        from .trainable import configure_trainable
+        config = _hf_load(AutoConfig.from_pretrained, source, "VLM config", trust_remote_code=cfg.model.trust_remote_code)
+        with torch.device("meta"):
+            hf = AutoModelForImageTextToText.from_config(config, dtype=dtype,
+                                                         trust_remote_code=cfg.model.trust_remote_code)
+        self.model = HFVLM(hf, None, {"source": source})
+        configure_trainable(self.model, cfg)
+        self.llm, self.vision, self.connector = self.model.llm, self.model.vision, self.model.connector
+        self.config = config
+        self.lcfg = getattr(config, "text_config", config)
+        self.vcfg = vision_config(config)
+        self.num_patches, self.num_image_tokens = image_geometry(config)[1:]
+        self.text_only = False
+
+    def tokens_for(self, num_patches: int) -> int:
+        from .hf_vlm import image_geometry
+        side = int(round(num_patches ** 0.5)) * self.vcfg.patch_size
+        return image_geometry(self.config, side)[2]
+
+    def requires_grad_(self, flag: bool):
+        self.model.requires_grad_(flag)
+
+    def parameters(self):
+        yield from self.model.parameters()
+
+
+def meta_model(cfg, dtype):
+    """The recipe's model on the meta device: either kind."""
+    source = vlm_source(cfg.model)
+    return MetaVLM(cfg, dtype, source) if source else MetaLMM(cfg, dtype)
+
+
 class MetaLMM:
     """The parts of an LMM on the meta device, with the recipe's trainable parts (what `configure_trainable` sees).
     Without `model.vision` it is a text-only LLM: the vision tower and the connector are empty modules."""
+
+    def tokens_for(self, num_patches: int) -> int:
+        return self.image_tokens(num_patches)
+
+    def add_peft(self, configs: dict) -> None:
+        from .hfutil import wrap_parts
+        wrap_parts(self, configs)
 
     def __init__(self, cfg, dtype):
         import torch
@@ -335,12 +395,12 @@ def estimate(cfg, setting: Setting, meta: MetaLMM | None = None) -> Estimate:
     cfg.train.batch_size, cfg.data.max_length = setting.batch, setting.seq
     cfg.train.gradient_checkpointing = setting.checkpointing
     wdtype, act = dtypes(cfg, setting.device)
-    meta = meta or MetaLMM(cfg, wdtype)
+    meta = meta or meta_model(cfg, wdtype)
     lcfg, vcfg = meta.lcfg, meta.vcfg
     weights = weight_bytes(meta, cfg.peft.method, cfg.peft.double_quant)
     params = param_counts(meta)
     num_patches = (setting.image_size // vcfg.patch_size) ** 2 if setting.image_size and vcfg else meta.num_patches
-    n_img, B, S = meta.image_tokens(num_patches), setting.batch, setting.seq
+    n_img, B, S = meta.tokens_for(num_patches), setting.batch, setting.seq
     if n_img >= S:
         raise UserError(f"data.max_length={S} leaves no text token after {n_img} image tokens")
     V, h, L = lcfg.vocab_size, lcfg.hidden_size, lcfg.num_hidden_layers
@@ -563,6 +623,8 @@ def measure(cfg, steps: int = 2, device: str | None = None) -> dict:
     from .memory import PeakTensorMemory
     from .trainable import setup_model
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if vlm_source(cfg.model):
+        raise UserError("--measure builds synthetic records of the composed model; it does not run on model.vlm yet")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device here")
     torch.manual_seed(cfg.train.seed)
@@ -667,7 +729,7 @@ def settings_that_fit(cfg, setting: Setting, metas: dict | None = None) -> list[
     for method in _fallbacks(cfg.peft.method):
         c = _variant(cfg, peft__method=method)
         if method not in metas:
-            metas[method] = MetaLMM(c, dtypes(c, setting.device)[0])
+            metas[method] = meta_model(c, dtypes(c, setting.device)[0])
         meta = metas[method]
         for ckpt in (False, True):
             for offload in (False, True) if setting.device == "cuda" else (False,):

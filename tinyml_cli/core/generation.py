@@ -13,9 +13,8 @@ def generated_tokens(model, examples: list, max_new_tokens: int, temperature: fl
     """New tokens of each encoded prompt, up to and including the end-of-sequence token."""
     import torch
 
-    from .batching import Collator, ImageLoader
     model.eval()
-    collate = Collator(model.tokenizer.pad_token_id, ImageLoader(model.image_processor), left_pad=True)
+    collate = model.collator(left_pad=True)
     eos = model.tokenizer.eos_token_id
 
     def run(batch_examples):

@@ -18,37 +18,26 @@ import contextlib
 import json
 import typing
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from .. import IMAGE_TOKEN, UserError
 from ..config import Part
+from ..records.encoder import Encoder, encoder_for
 from .connectors import build_connector, connector_size
-
-DEFAULT_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'system' %}<|system|>{{ m['content'] }}<|end|>"
-    "{% elif m['role'] == 'user' %}<|user|>{{ m['content'] }}<|end|>"
-    "{% else %}<|assistant|>{{ m['content'] }}<|end|>{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+from .hfutil import (  # noqa: F401
+    DEFAULT_CHAT_TEMPLATE,
+    _hf_load,
+    adapters_lifted,
+    labelled_loss,
+    llm_source,
+    prepare_tokenizer,
 )
 
 
 # ------------------------------------------------------------------------------------------ loading parts
-def _hf_load(fn, ident: str, what: str, **kw):
-    """from_pretrained with a one-line user error for a missing folder or an id that can't be reached.
-
-    Weights load only from safetensors (`use_safetensors=True` where passed): a pickled checkpoint can run
-    code when it is unpickled, so one from a stranger is refused rather than trusted.
-    """
-    try:
-        return fn(ident, **kw)
-    except (OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load {what} '{ident}': {msg}") from None
-
-
 def load_vision(ident: str, trust_remote_code: bool = False, dtype=None):
     """A CLIP / SigLIP vision tower from a vision-only or a full (text+vision) checkpoint, plus its processor."""
     from transformers import (
@@ -75,6 +64,7 @@ def load_llm(ident: str, trust_remote_code: bool = False, dtype=None, attn_imple
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if not ident:
         raise UserError("model.llm is not set (a hub id or a local folder)")
+    ident = llm_source(ident)
     tok = _hf_load(AutoTokenizer.from_pretrained, ident, "tokenizer", trust_remote_code=trust_remote_code)
     quant = {"quantization_config": quantization_config} if quantization_config is not None else {}
     llm = _hf_load(AutoModelForCausalLM.from_pretrained, ident, "LLM", dtype=dtype, use_safetensors=True,
@@ -93,18 +83,6 @@ def _fit_4bit_cpu_kernels(llm) -> None:
         if hasattr(m, "support_avx512bf16_for_cpu") and (
                 m.out_features % 32 or m.in_features % getattr(m.weight, "blocksize", 64)):
             m.support_avx512bf16_for_cpu = False
-
-
-def prepare_tokenizer(tok, llm) -> None:
-    """Make sure the tokenizer has an image token, a pad token and a chat template; grow embeddings if needed."""
-    if IMAGE_TOKEN not in tok.get_vocab():
-        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    if tok.pad_token is None:
-        tok.pad_token = tok.unk_token or tok.eos_token
-    if not tok.chat_template:
-        tok.chat_template = DEFAULT_CHAT_TEMPLATE
-    if llm is not None and len(tok) > llm.get_input_embeddings().weight.shape[0]:
-        llm.resize_token_embeddings(len(tok))
 
 
 def vision_geometry(vision) -> tuple[int, int]:
@@ -134,6 +112,43 @@ class LMM(nn.Module):
     @property
     def device(self):
         return next(self.llm.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.spec["llm_dim"]
+
+    @property
+    def dtype(self):
+        return next(self.connector.parameters()).dtype  # the LLM's weights may be 4-bit integers (qlora)
+
+    @property
+    def image_tokens(self):
+        return None  # every image is num_image_tokens copies of the image token
+
+    def collator(self, left_pad: bool = False):
+        """The collator of this model's records (padding, pixel tensors)."""
+        from .batching import Collator, ImageLoader
+        return Collator(self.tokenizer.pad_token_id, ImageLoader(self.image_processor), left_pad=left_pad)
+
+    def add_peft(self, configs: dict) -> None:
+        """Wrap each named part in a peft model with its config ({part: peft config})."""
+        from .hfutil import wrap_parts
+        wrap_parts(self, configs)
+
+    def load_adapters(self, path) -> None:
+        """Put the peft adapters saved in a model folder (`PART_adapter/`) back on their parts."""
+        from peft import PeftModel
+        for p in PARTS:
+            if (Path(path) / f"{p}_adapter").is_dir():
+                setattr(self, p, PeftModel.from_pretrained(getattr(self, p), str(Path(path) / f"{p}_adapter"),
+                                                           is_trainable=False))
+
+    def dequantize(self) -> None:
+        """The 4-bit LLM (a QLoRA run's base) as fp32 weights, so that adapters merge into full precision."""
+        from transformers import AutoModelForCausalLM
+
+        from .hfutil import dequantized
+        self.llm = dequantized(self.llm, AutoModelForCausalLM)
 
     def base_llm(self):
         """The LLM under any peft wrapper."""
@@ -254,40 +269,12 @@ class LMM(nn.Module):
         (out / "tinyml_model.json").write_text(json.dumps(self.spec, indent=2))
 
 
-@contextlib.contextmanager
-def adapters_lifted(module):
-    """The base model of a peft model with its original layers back in place, until the block ends (any other
-    module: itself).
-
-    peft wraps each adapted layer (`q_proj` -> `q_proj.base_layer` + `lora_A`...); saved as is, the base's own
-    weights would be missing under their real names and re-initialised on load. Swapping the modules (rather
-    than passing a cleaned state dict, which the bitsandbytes quantizer ignores) works for 4-bit bases too.
-    """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    if not hasattr(module, "get_base_model"):
-        yield module
-        return
-    base = module.get_base_model()
-    swapped = []
-    for name, mod in list(base.named_modules()):
-        # LoRA-style layers keep the original as `base_layer`; LLaMA-Adapter's AdaptedAttention as `model`
-        original = mod.base_layer if isinstance(mod, BaseTunerLayer) and hasattr(mod, "base_layer") else \
-            mod.model if type(mod).__name__ == "AdaptedAttention" else None
-        if original is not None:
-            parent_name, _, child = name.rpartition(".")
-            parent = base.get_submodule(parent_name)
-            setattr(parent, child, original)
-            swapped.append((parent, child, mod))
-    try:
-        yield base
-    finally:
-        for parent, child, mod in swapped:
-            setattr(parent, child, mod)
-
-
-def build_model(mcfg, dtype=None, quantization_config=None) -> LMM:
+def build_model(mcfg, dtype=None, quantization_config=None):
     """Compose the model a recipe describes: from `model.init_from` (a tinyml folder) or from its parts."""
     from .prompt_learning import num_virtual_tokens
+    if mcfg.vlm and not mcfg.init_from:
+        from .hf_vlm import build_vlm
+        return build_vlm(mcfg, dtype, quantization_config)
     if mcfg.init_from:
         model = load_model(mcfg.init_from, dtype=dtype, trust_remote_code=mcfg.trust_remote_code,
                            quantization_config=quantization_config)
@@ -319,12 +306,76 @@ def build_model(mcfg, dtype=None, quantization_config=None) -> LMM:
 
 
 def is_model_dir(path: str | Path) -> bool:
-    return (Path(path) / "tinyml_model.json").is_file()
+    """A tinyml model folder, or a transformers LLaVA checkpoint (taken in as a composed model)."""
+    return (Path(path) / "tinyml_model.json").is_file() or is_llava_dir(path)
+
+
+def is_llava_dir(path: str | Path) -> bool:
+    cfg = Path(path) / "config.json"
+    return (not (Path(path) / "tinyml_model.json").is_file() and cfg.is_file()
+            and json.loads(cfg.read_text()).get("model_type") == "llava")
+
+
+def load_llava(path: str | Path, dtype=None) -> LMM:
+    """A transformers `LlavaForConditionalGeneration` checkpoint (LLaVA-1.5, a converted TinyLLaVA, or tinyml's own
+    `export --format hf-llava`) as a composed model: its vision tower, its projector as the mlp2x_gelu connector
+    (a `linear` activation: the linear connector, whose second layer is folded in) and its language model, so that
+    every command, ONNX export and int4 included, runs on it. The inverse of `export.export_hf_llava`."""
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        CLIPVisionModel,
+        LlavaForConditionalGeneration,
+        SiglipVisionModel,
+    )
+    c = _hf_load(AutoConfig.from_pretrained, str(path), "LLaVA config")  # checked before any weight is read
+    kind = c.vision_config.model_type.replace("_vision_model", "")
+    if kind not in ("clip", "siglip"):
+        raise UserError(f"{path}: LLaVA with a {c.vision_config.model_type} vision tower (CLIP or SigLIP only)")
+    if not isinstance(c.vision_feature_layer, int):
+        raise UserError(f"{path}: vision_feature_layer {c.vision_feature_layer} (several layers) has no tinyml equivalent")
+    if kind == "clip" and c.vision_feature_select_strategy != "default":
+        raise UserError(f"{path}: CLIP features with the CLS token kept ('full') have no tinyml equivalent")
+    if c.projector_hidden_act not in ("gelu", "linear"):
+        raise UserError(f"{path}: projector activation {c.projector_hidden_act} (tinyml's MLP connector uses gelu)")
+    llava = _hf_load(LlavaForConditionalGeneration.from_pretrained, str(path), "LLaVA checkpoint", dtype=dtype,
+                     use_safetensors=True)
+    vision = {"siglip": SiglipVisionModel, "clip": CLIPVisionModel}[kind](c.vision_config)
+    vision.load_state_dict(llava.model.vision_tower.state_dict())
+    llm = AutoModelForCausalLM.from_config(c.text_config, dtype=dtype)
+    llm.get_decoder().load_state_dict(llava.model.language_model.state_dict())
+    if not c.text_config.tie_word_embeddings:
+        llm.get_output_embeddings().load_state_dict(llava.lm_head.state_dict())
+    p = llava.model.multi_modal_projector
+    vdim, ldim = p.linear_1.in_features, p.linear_2.out_features
+    kind_c = "mlp2x_gelu" if c.projector_hidden_act == "gelu" else "linear"
+    connector = build_connector(kind_c, vdim, ldim)
+    with torch.no_grad():
+        if kind_c == "mlp2x_gelu":
+            connector.proj[0].load_state_dict(p.linear_1.state_dict())
+            connector.proj[2].load_state_dict(p.linear_2.state_dict())
+        else:  # two linear layers in a row are one: W2 (W1 x + b1) + b2
+            connector.proj[0].weight.copy_(p.linear_2.weight @ p.linear_1.weight)
+            connector.proj[0].bias.copy_(p.linear_2.weight @ p.linear_1.bias + p.linear_2.bias)
+    if dtype is not None:
+        vision.to(dtype), connector.to(dtype)
+    tok = _hf_load(AutoTokenizer.from_pretrained, str(path), "tokenizer")
+    processor = _hf_load(AutoImageProcessor.from_pretrained, str(path), "image processor")
+    prepare_tokenizer(tok, llm)
+    if tok.convert_tokens_to_ids(IMAGE_TOKEN) != c.image_token_id:
+        raise UserError(f"{path}: the image token is id {c.image_token_id}, not the tokenizer's {IMAGE_TOKEN}")
+    vdim_, patches = vision_geometry(vision)
+    spec = {"format": "tinyml-lmm/1", "connector": kind_c, "vision_dim": vdim, "llm_dim": ldim, "num_patches": patches,
+            "num_image_tokens": connector.num_tokens(patches), "vision_feature_layer": c.vision_feature_layer,
+            "llm_source": str(path), "vision_source": str(path), "imported_from": "hf-llava"}
+    return LMM(vision.eval(), connector, llm, tok, processor, spec)
 
 
 def load_model(path: str | Path, dtype=None, trust_remote_code: bool = False, adapter: bool = True,
-               quantization_config=None) -> LMM:
-    """Load a saved tinyml model folder; the same `from_pretrained` calls as for hub parts.
+               quantization_config=None):
+    """Load a saved tinyml model folder (either kind); the same `from_pretrained` calls as for hub parts.
 
     A QLoRA run's `llm/` holds the 4-bit base it was trained on, and loads back quantized by itself.
     """
@@ -332,7 +383,12 @@ def load_model(path: str | Path, dtype=None, trust_remote_code: bool = False, ad
     path = Path(path)
     if not is_model_dir(path):
         raise UserError(f"not a tinyml model folder (no tinyml_model.json): {path}")
+    if is_llava_dir(path):
+        return load_llava(path, dtype)
     spec = json.loads((path / "tinyml_model.json").read_text())
+    if spec.get("format") == "tinyml-vlm/1":
+        from .hf_vlm import load_vlm
+        return load_vlm(path, dtype, trust_remote_code, adapter, quantization_config)
     vision, processor = load_vision(str(path / "vision"), trust_remote_code, dtype)
     llm, tok = load_llm(str(path / "llm"), trust_remote_code, dtype, quantization_config=quantization_config)
     connector = build_connector(spec["connector"], spec["vision_dim"], spec["llm_dim"], *connector_size(spec),
@@ -349,13 +405,9 @@ def load_model(path: str | Path, dtype=None, trust_remote_code: bool = False, ad
     return model
 
 
-def load_peft_adapters(model: LMM, path: str | Path) -> None:
-    """Put the peft adapters saved in a model folder (`PART_adapter/`) back on their parts."""
-    from peft import PeftModel
-    for p in PARTS:
-        if (Path(path) / f"{p}_adapter").is_dir():
-            setattr(model, p, PeftModel.from_pretrained(getattr(model, p), str(Path(path) / f"{p}_adapter"),
-                                                        is_trainable=False))
+def load_peft_adapters(model, path: str | Path) -> None:
+    """Put the peft adapters saved in a model folder back on the model (either kind)."""
+    model.load_adapters(path)
 
 
 def count_params(module: nn.Module) -> tuple[int, int]:
@@ -371,3 +423,31 @@ def resolve_dtype(name: str):
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
     except KeyError:
         raise UserError(f"model.dtype must be auto, fp32, bf16 or fp16, got '{name}'") from None
+
+
+def recipe_encoder(cfg) -> Encoder:
+    """The Encoder of a recipe's model from its tokenizer and image-token count, without loading any weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    m = cfg.model
+    vlm = m.vlm if not m.init_from else ""
+    if m.init_from and json.loads((Path(m.init_from) / "tinyml_model.json").read_text()).get("format") == "tinyml-vlm/1":
+        vlm = str(Path(m.init_from) / "vlm")
+    if vlm:
+        from .hf_vlm import ProcessorImageTokens, load_processor
+        images = ProcessorImageTokens(load_processor(vlm, m.trust_remote_code), vlm)
+        return encoder_for(SimpleNamespace(tokenizer=images.tok, num_image_tokens=None, image_tokens=images), cfg.data)
+    if m.init_from:
+        spec = json.loads((Path(m.init_from) / "tinyml_model.json").read_text())
+        llm, n_img = str(Path(m.init_from) / "llm"), spec["num_image_tokens"]
+    else:
+        if not m.vision:
+            raise UserError("model.vision is not set (needed to count image tokens)")
+        vcfg = _hf_load(AutoConfig.from_pretrained, m.vision, "vision config", trust_remote_code=m.trust_remote_code)
+        vcfg = getattr(vcfg, "vision_config", vcfg)
+        llm = llm_source(m.llm)
+        n_img = ({"resampler": m.resampler_queries, "qformer": m.qformer_queries}.get(m.connector)
+                 or (vcfg.image_size // vcfg.patch_size) ** 2)
+    tok = _hf_load(AutoTokenizer.from_pretrained, llm, "tokenizer", trust_remote_code=m.trust_remote_code)
+    prepare_tokenizer(tok, None)
+    return encoder_for(SimpleNamespace(tokenizer=tok, num_image_tokens=n_img), cfg.data)

@@ -18,12 +18,11 @@ class ScalarHead(nn.Module):
     def __init__(self, lmm, init_std: float | None = None):
         super().__init__()
         self.lmm = lmm
-        dim = lmm.spec["llm_dim"]
-        self.head = nn.Linear(dim, 1)
+        self.head = nn.Linear(lmm.hidden_size, 1)
         if init_std is not None:
             nn.init.normal_(self.head.weight, std=init_std)
             nn.init.zeros_(self.head.bias)
-        self.head.to(next(lmm.connector.parameters()).dtype)  # the LLM's weights may be 4-bit integers (qlora)
+        self.head.to(lmm.dtype)
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None, **_):
         """Score of each row at its last response token (the Bradley-Terry reward)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .. import UserError
 from ..config import RunConfig
+from .hfutil import linear_names
 from .model import PARTS
 
 
@@ -18,21 +19,11 @@ def encoder_layers(module):
     return None
 
 
-def _linear_names(module) -> list[str]:
-    """Every nn.Linear of a vision tower or connector, except the projections of nn.MultiheadAttention (the
-    resampler's, Q-Former's and SigLIP head's attention): its forward reads their weights directly, so a LoRA
-    wrapped around them would never run."""
-    from torch import nn
-    inside = {f"{n}.{c}" for n, m in module.named_modules() if isinstance(m, nn.MultiheadAttention)
-              for c, _ in m.named_children()}
-    return [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and n not in inside]
-
-
 def peft_config(cfg: RunConfig, method: str, part: str = "llm", module=None):
     """peft's config for the methods it implements (lora, qlora, dora, ia3, prompt-tuning, prefix-tuning).
 
     On the LLM, `all-linear` is peft's (every linear layer but the output head); on the vision tower or the
-    connector (LoRA / DoRA), it is `_linear_names` of that part."""
+    connector (LoRA / DoRA), it is `linear_names` of that part."""
     from peft import (
         AdaptionPromptConfig,
         IA3Config,
@@ -55,20 +46,10 @@ def peft_config(cfg: RunConfig, method: str, part: str = "llm", module=None):
         kind = PromptTuningConfig if method == "prompt-tuning" else PrefixTuningConfig
         return kind(task_type="CAUSAL_LM", num_virtual_tokens=cfg.peft.virtual_tokens)
     if part != "llm" and targets == "all-linear":
-        targets = _linear_names(module)
+        targets = linear_names(module)
     return LoraConfig(r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
                       target_modules=targets, use_dora=method == "dora",
                       task_type="CAUSAL_LM" if part == "llm" else None)
-
-
-def add_peft(model, part: str, config) -> None:
-    """Wrap one part of the model in a peft model; a target that matches nothing in it is a user error."""
-    from peft import get_peft_model
-    try:
-        setattr(model, part, get_peft_model(getattr(model, part), config))
-    except ValueError as e:
-        raise UserError(f"peft.method={config.peft_type.value.lower()} on the {part}: "
-                        f"{str(e).splitlines()[0]} (see peft.target_modules)") from None
 
 
 def train_biases(model, parts: list[str]) -> None:
@@ -112,8 +93,7 @@ def configure_trainable(model, cfg: RunConfig) -> None:
                         if n.endswith("bias"):
                             w.requires_grad_(True)
         else:
-            for part in targets:
-                add_peft(model, part, peft_config(cfg, method, part, getattr(model, part)))
+            model.add_peft({part: peft_config(cfg, method, part, getattr(model, part)) for part in targets})
         parts -= {"llm", *targets}
     if "connector" in parts:
         model.connector.requires_grad_(True)

@@ -149,6 +149,13 @@ def check_image(p: Path, decode: bool = False) -> None:
         raise ValueError(f"image has zero size: {p}")
 
 
+def image_size(p) -> tuple[int, int]:
+    """(width, height) of an image, read from its header."""
+    from PIL import Image
+    with Image.open(_image_file(p)) as im:
+        return im.size
+
+
 def open_rgb(p: Path):
     """An RGB image from any PIL mode: transparency over white, 16-bit and float scaled to 8 bits."""
     import numpy as np
@@ -181,7 +188,7 @@ def parse_record(rec, root: Path, encoder: Encoder | None, for_generation: bool 
         if placeholders != len(imgs):
             raise ValueError(f"{placeholders} '<image>' placeholder(s) for {len(imgs)} image(s)")
         return Example([], [], imgs, {})
-    ids, labels = encoder.encode(msgs, len(imgs), for_generation)
+    ids, labels = encoder.encode(msgs, imgs, for_generation)
     meta = {k: rec[k] for k in ("id", "type", "answer") if k in rec}
     if for_generation:
         meta["messages"] = msgs
@@ -232,7 +239,7 @@ def prompt_example(enc: Encoder, image: str | None, prompt: str):
             raise UserError(f"image not found: {image}")
         imgs = [Path(image)]
     try:
-        ids, labels = enc.encode([{"role": "user", "content": prompt}], len(imgs), for_generation=True)
+        ids, labels = enc.encode([{"role": "user", "content": prompt}], imgs, for_generation=True)
     except ValueError as e:
         raise UserError(str(e)) from None
     return Example(ids, labels, imgs)

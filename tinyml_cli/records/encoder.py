@@ -10,27 +10,47 @@ from .. import IMAGE_TOKEN, UserError
 
 
 class Encoder:
-    """Turns messages into token ids and labels: only assistant turns are labelled, image tokens never."""
+    """Turns messages into token ids and labels: only assistant turns are labelled, image tokens never.
 
-    def __init__(self, tokenizer, num_image_tokens: int, max_length: int, system_prompt: str = ""):
+    `images` (a processor-based model's, see core.hf_vlm.ProcessorImageTokens) renders the chat with the family's
+    template and says which tokens each image becomes (`placeholder` in the rendered text, `ids(image)`, which
+    may depend on the image); without it `<image>` becomes `num_image_tokens` image tokens.
+    """
+
+    def __init__(self, tokenizer, num_image_tokens: int | None, max_length: int, system_prompt: str = "",
+                 images=None):
         self.tok, self.n_img, self.max_length, self.system = tokenizer, num_image_tokens, max_length, system_prompt
-        self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.images = images
+        self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if images is None else None
+        self.placeholder = IMAGE_TOKEN if images is None else images.placeholder
 
     def _render(self, msgs, gen_prompt: bool) -> str:
+        if self.images is not None:
+            return self.images.render(msgs, gen_prompt)
         return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
 
-    def _ids(self, text: str) -> list[int]:
+    def _ids(self, text: str, queue: list, spans: list, start: int) -> list[int]:
+        """Token ids of rendered text, each placeholder replaced by the next image's tokens (their [start, end)
+        positions, offset by `start`, go into `spans`)."""
         ids = []
-        for i, piece in enumerate(text.split(IMAGE_TOKEN)):
+        for i, piece in enumerate(text.split(self.placeholder)):
             if i:
-                ids += [self.image_id] * self.n_img
+                if not queue:
+                    raise ValueError("the chat template renders more images than the record has")
+                image = queue.pop(0)
+                img = [self.image_id] * self.n_img if self.images is None else self.images.ids(image)
+                spans.append((start + len(ids), start + len(ids) + len(img)))
+                ids += img
             if piece:
                 ids += self.tok(piece, add_special_tokens=False)["input_ids"]
         return ids
 
-    def encode(self, msgs: list[dict], n_images: int, for_generation: bool = False,
+    def encode(self, msgs: list[dict], images, for_generation: bool = False,
                truncate: bool = True) -> tuple[list[int], list[int]]:
-        """(ids, labels), cut to max_length unless `truncate` is False (then the caller checks the length)."""
+        """(ids, labels) of a conversation about `images` (their paths; a count will do for fixed image tokens),
+        cut to max_length unless `truncate` is False (then the caller checks the length)."""
+        images = list(images) if not isinstance(images, int) else [None] * images
+        n_images = len(images)
         placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in msgs)
         if placeholders != n_images:
             raise ValueError(f"{placeholders} '<image>' placeholder(s) for {n_images} image(s)")
@@ -38,7 +58,7 @@ class Encoder:
             msgs = [{"role": "system", "content": self.system}] + msgs
         if for_generation and msgs[-1]["role"] == "assistant":
             msgs = msgs[:-1]
-        ids, labels, done = [], [], ""
+        ids, labels, done, spans, queue = [], [], "", [], list(images)
         for i, m in enumerate(msgs):
             if m["role"] != "assistant" or for_generation:
                 continue
@@ -46,27 +66,31 @@ class Encoder:
             full = self._render(msgs[:i + 1], False)
             if not prompt.startswith(done) or not full.startswith(prompt):
                 raise UserError("the tokenizer's chat template does not render conversations prefix by prefix")
-            p_ids, a_ids = self._ids(prompt[len(done):]), self._ids(full[len(prompt):])
+            p_ids = self._ids(prompt[len(done):], queue, spans, len(ids))
+            a_spans: list = []
+            a_ids = self._ids(full[len(prompt):], queue, a_spans, len(ids) + len(p_ids))
+            in_image = {k for a, b in a_spans for k in range(a - len(ids) - len(p_ids), b - len(ids) - len(p_ids))}
             ids += p_ids + a_ids
-            labels += [-100] * len(p_ids) + [t if t != self.image_id else -100 for t in a_ids]
+            labels += [-100] * len(p_ids) + [-100 if k in in_image else t for k, t in enumerate(a_ids)]
+            spans += a_spans
             done = full
         if for_generation:
-            ids = self._ids(self._render(msgs, True))
+            ids = self._ids(self._render(msgs, True), queue, spans, 0)
             labels = [-100] * len(ids)
         elif not ids:
             raise ValueError("no assistant turn to learn from")
-        return self._truncate(ids, labels, for_generation) if truncate else (ids, labels)
+        return self._truncate(ids, labels, for_generation, spans) if truncate else (ids, labels)
 
-    def _truncate(self, ids, labels, for_generation):
+    def _truncate(self, ids, labels, for_generation, spans=()):
         if len(ids) <= self.max_length:
             return ids, labels
         if for_generation:
             raise ValueError(f"prompt of {len(ids)} tokens is longer than data.max_length={self.max_length}")
         # Cutting into the image tokens would leave a record whose image no longer matches its tokens:
         # other toolkits corrupt such records silently, here it is an error.
-        img_pos = [i for i, t in enumerate(ids) if t == self.image_id]
-        if img_pos and img_pos[-1] >= self.max_length:
-            raise ValueError(f"image tokens end at {img_pos[-1] + 1} > data.max_length={self.max_length}")
+        end = max((b for _, b in spans), default=0)
+        if end > self.max_length:
+            raise ValueError(f"image tokens end at {end} > data.max_length={self.max_length}")
         ids, labels = ids[:self.max_length], labels[:self.max_length]
         if all(x == -100 for x in labels[1:]):
             raise ValueError(f"no assistant token left after truncation to data.max_length={self.max_length}")
@@ -74,5 +98,7 @@ class Encoder:
 
 
 def encoder_for(model, data) -> Encoder:
-    """The Encoder of a model (anything with `tokenizer` and `num_image_tokens`) under a recipe's `data` section."""
-    return Encoder(model.tokenizer, model.num_image_tokens, data.max_length, data.system_prompt)
+    """The Encoder of a model (anything with `tokenizer` and `num_image_tokens`, and for a processor-based model
+    `image_tokens`) under a recipe's `data` section."""
+    return Encoder(model.tokenizer, model.num_image_tokens, data.max_length, data.system_prompt,
+                   getattr(model, "image_tokens", None))

@@ -134,12 +134,12 @@ def parse_pair(rec, root: Path, enc: Encoder | None, decode_images: bool = False
         return Pair(Example([], [], imgs), Example([], [], imgs), Example([], [], imgs), meta)
     sides = []
     for key, resp in responses.items():
-        ids, labels = enc.encode(prompt + resp, len(imgs), truncate=False)
+        ids, labels = enc.encode(prompt + resp, imgs, truncate=False)
         if len(ids) > enc.max_length:
             raise ValueError(f"prompt + '{key}' response take {len(ids)} tokens > data.max_length={enc.max_length}: "
                              "the response would be cut (raise data.max_length or shorten the prompt)")
         sides.append(Example(ids, response_only(labels), imgs))
-    p_ids, p_labels = enc.encode(prompt, len(imgs), for_generation=True)
+    p_ids, p_labels = enc.encode(prompt, imgs, for_generation=True)
     return Pair(sides[0], sides[1], Example(p_ids, p_labels, imgs), meta)
 
 

@@ -41,7 +41,6 @@ def compress_config(config, sets, finetuned: str | Path):
 def run_compress(cfg, base_dir: str | Path, finetuned_dir: str | Path, out_dir: str | Path, resume: bool = False,
                  progress=None, eval_finetuned: bool = True) -> dict:
     """Compress FINETUNED against BASE, distil the scales, measure, save the delta folder; the JSON summary."""
-    from ..core.batching import Collator, ImageLoader
     from ..core.bitdelta import (
         Distillation,
         compress,
@@ -74,7 +73,7 @@ def run_compress(cfg, base_dir: str | Path, finetuned_dir: str | Path, out_dir: 
     enc = encoder_for(base, cfg.data)
     calib, _ = load_examples(cfg.data.train, enc, cfg.data.on_error)
     held_out = load_examples(cfg.data.eval, enc, cfg.data.on_error)[0][:KL_EXAMPLES] if cfg.data.eval else []
-    collate = Collator(base.tokenizer.pad_token_id, ImageLoader(base.image_processor))
+    collate = base.collator()
     teacher.requires_grad_(False).eval()
     base.requires_grad_(False)
     if cfg.train.dropout != "on":  # the student trains to match an eval-mode teacher: no dropout in it either

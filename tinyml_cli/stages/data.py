@@ -9,7 +9,7 @@ from pathlib import Path
 def run_validate(file: str | Path, cfg) -> dict:
     """Records, fields, images (fully decoded) and placeholders; with model.llm + model.vision (or
     model.init_from) set, token lengths and truncation too. The result lists the problems."""
-    from ..core.batching import recipe_encoder
+    from ..core.model import recipe_encoder
     from ..records.conversations import validate
     from ..records.preferences import parse_any
     enc = recipe_encoder(cfg) if cfg.model.init_from or cfg.model.llm else None

@@ -7,7 +7,6 @@ from dataclasses import replace
 from .. import UserError
 from ..core.estimate import (
     ADVICE_GIB,
-    MetaLMM,
     Setting,
     advice,
     dtypes,
@@ -15,6 +14,7 @@ from ..core.estimate import (
     gpu_table,
     infer_advice,
     measure,
+    meta_model,
 )
 
 
@@ -33,7 +33,7 @@ def run_estimate(cfg, device: str = "auto", gib: float = 24, do_measure: bool = 
     if setting.device not in ("cuda", "cpu"):
         raise UserError(f"--device must be cuda, cpu or auto, got '{setting.device}'")
     wdtype, _ = dtypes(cfg, setting.device)
-    meta = MetaLMM(cfg, wdtype)
+    meta = meta_model(cfg, wdtype)
     e = estimate(cfg, setting, meta)
     metrics = {"params": e.params, "total_bytes": e.total_bytes, "tensor_bytes": e.tensor_bytes,
                "breakdown": e.breakdown, **e.detail}

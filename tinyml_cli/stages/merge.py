@@ -19,23 +19,6 @@ from pathlib import Path
 from .. import UserError
 
 
-def _dequantized(llm):
-    """A plain fp32 copy of a 4-bit LLM. transformers' dequantized model keeps its loading-time bitsandbytes
-    conversions and cannot save itself, so its weights go into a fresh model built from the config."""
-    import copy
-
-    import torch
-    from transformers import AutoModelForCausalLM
-    weights = llm.dequantize(dtype=torch.float32).state_dict()
-    config = copy.deepcopy(llm.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(weights)
-    plain.generation_config = llm.generation_config
-    return plain
-
-
 def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> dict:
     from peft import PeftConfig
 
@@ -63,9 +46,9 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False)
             raise UserError(f"{kind} adds learned tokens to every sequence and cannot be folded into weights; "
                             f"{src} loads as it is")
     model = load_model(src, adapter=False)
-    quantized = bool(getattr(model.llm, "is_loaded_in_4bit", False))
+    quantized = bool(getattr(model.base_llm(), "is_loaded_in_4bit", False))
     if quantized:
-        model.llm = _dequantized(model.llm)
+        model.dequantize()
     load_peft_adapters(model, src)
     model.merge_adapters()
     model.save(out)

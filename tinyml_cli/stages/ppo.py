@@ -28,7 +28,7 @@ import torch
 from .. import UserError
 from ..config import RunConfig, save_config
 
-BUFFER = ("input_ids", "attention_mask", "labels", "pixel_values", "old_lp", "old_values", "mask", "adv", "returns")
+BUFFER = ("old_lp", "old_values", "mask", "adv", "returns")  # per response token, at the rollout's padded length
 
 
 def make_scorer(cfg: RunConfig, collate):
@@ -49,20 +49,25 @@ def make_scorer(cfg: RunConfig, collate):
     return score
 
 
+def response_example(pair, resp: list[int]):
+    """The pair's prompt followed by a sampled response, labelled on the response."""
+    from ..records.conversations import Example
+    return Example(pair.prompt.input_ids + resp, [-100] * len(pair.prompt.input_ids) + resp, pair.prompt.images)
+
+
 @torch.no_grad()
 def sample(model, pairs, cfg, gen_collate):
-    """Sampled responses: (texts, examples of prompt + response with labels on the response)."""
-    from ..records.conversations import Example
+    """Sampled responses: (texts, response token lists)."""
     eos_id = model.tokenizer.eos_token_id
     b = {k: v.to(model.device) for k, v in gen_collate([p.prompt for p in pairs]).items()}
     b.pop("labels")
     new = model.generate(**b, max_new_tokens=cfg.ppo.max_new_tokens, temperature=cfg.ppo.temperature)
-    texts, examples = [], []
-    for p, seq in zip(pairs, new.tolist()):
+    texts, responses = [], []
+    for seq in new.tolist():
         resp = seq[:seq.index(eos_id) + 1] if eos_id in seq else seq
         texts.append(model.tokenizer.decode(resp, skip_special_tokens=True).strip())
-        examples.append(Example(p.prompt.input_ids + resp, [-100] * len(p.prompt.input_ids) + resp, p.prompt.images))
-    return texts, examples
+        responses.append(resp)
+    return texts, responses
 
 
 class Rollouts:
@@ -77,7 +82,9 @@ class Rollouts:
         self.score = make_scorer(cfg, collate)
         self.size = min(pc.rollout_size, len(pairs))
         self.kl_ctl = AdaptiveKLController(pc.kl_ctl, pc.kl_target, pc.kl_horizon)
-        self.rng, self.buffer, self.queue, self.history = None, {}, [], []
+        # a rollout: its responses as (pair index, response tokens), so that each minibatch is collated afresh from
+        # its records (image tensors of any family, any number of images), and the per-token buffers
+        self.rng, self.rows, self.buffer, self.queue, self.history = None, [], {}, [], []
 
     def steps(self, tcfg, world: int) -> int:
         per_rollout = self.cfg.ppo.epochs * math.ceil(self.size / self.cfg.ppo.minibatch)
@@ -94,7 +101,8 @@ class Rollouts:
         chosen = self.rng.sample(range(len(self.pairs)), self.size)
         pairs = [self.pairs[i] for i in chosen]
         model.eval()
-        texts, examples = sample(model, pairs, self.cfg, self.gen_collate)
+        texts, responses = sample(model, pairs, self.cfg, self.gen_collate)
+        examples = [response_example(p, r) for p, r in zip(pairs, responses)]
         scores = self.score(pairs, texts, examples, device).float()
         b = {k: v.to(device) for k, v in self.collate(examples).items()}
         args = (b["input_ids"], b["attention_mask"], b["labels"], b.get("pixel_values"))
@@ -112,8 +120,8 @@ class Rollouts:
                              "kl_ctl": self.kl_ctl.value, "response_tokens": mask.sum(-1).float().mean().item()})
         if pc.adaptive_kl:
             self.kl_ctl.update(kl, len(examples))
-        values = dict(zip(BUFFER, (*args, old_lp, old_values, mask, adv, returns)))
-        self.buffer = {k: v.detach().cpu() for k, v in values.items() if v is not None}
+        self.rows = [[i, r] for i, r in zip(chosen, responses)]
+        self.buffer = {k: v.detach().cpu() for k, v in zip(BUFFER, (old_lp, old_values, mask, adv, returns))}
         self.queue = [order[s:s + pc.minibatch] for _ in range(pc.epochs)
                       for order in [torch.randperm(len(examples)).tolist()]
                       for s in range(0, len(order), pc.minibatch)]
@@ -124,16 +132,19 @@ class Rollouts:
         while True:
             if not self.queue:
                 self._rollout(acc.device)
-            idx = torch.tensor(self.queue.pop(0))
-            yield self.history[-1], {k: v[idx] for k, v in self.buffer.items()}
+            idx = self.queue.pop(0)
+            batch = self.collate([response_example(self.pairs[self.rows[i][0]], self.rows[i][1]) for i in idx])
+            n = batch["input_ids"].shape[1] - 1  # right padding: the rollout's positions, less its extra padding
+            yield self.history[-1], {**batch, **{k: v[torch.tensor(idx)][:, :n] for k, v in self.buffer.items()}}
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.getstate(), "kl_ctl": self.kl_ctl.value, "buffer": self.buffer, "queue": self.queue,
-                "history": self.history}
+        return {"rng": self.rng.getstate(), "kl_ctl": self.kl_ctl.value, "rows": self.rows, "buffer": self.buffer,
+                "queue": self.queue, "history": self.history}
 
     def load_state_dict(self, state: dict) -> None:
         self.rng = random.Random()
         self.rng.setstate(state["rng"])
+        self.rows = state["rows"]
         self.kl_ctl.value, self.buffer, self.queue, self.history = (state["kl_ctl"], state["buffer"], state["queue"],
                                                                     state["history"])
 
@@ -157,7 +168,6 @@ def run_ppo(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress=
     """Setup -> the loop over rollouts (generate, score, GAE, PPO epochs) -> save."""
     from safetensors.torch import save_file
 
-    from ..core.batching import Collator, ImageLoader
     from ..core.loop import process_state, train
     from ..core.model import count_params
     from ..core.reward_model import ActorCritic, ScalarHead
@@ -175,12 +185,7 @@ def run_ppo(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress=
     critic = ScalarHead(model, init_std=0.0)  # values start at 0
     critic.head.requires_grad_(True)
     pairs, _ = load_pairs(cfg.data.train, encoder_for(model, cfg.data), cfg.data.on_error, cfg.data.columns)
-    if len({len(p.prompt.images) for p in pairs}) > 1 or len(pairs[0].prompt.images) > 1:
-        # minibatches index the rollout's tensors by row, pixel_values included: one image per row
-        raise UserError("ppo: every prompt needs exactly one image (or every prompt none)")
-    images = ImageLoader(model.image_processor)
-    collate = Collator(model.tokenizer.pad_token_id, images)
-    gen_collate = Collator(model.tokenizer.pad_token_id, images, left_pad=True)
+    collate, gen_collate = model.collator(), model.collator(left_pad=True)
     if model.peft_parts():
         ref, ref_ctx = model, model.adapters_disabled
     else:

@@ -16,7 +16,6 @@ from ..core.loop import sft_step
 
 def run_sft(cfg: RunConfig, out_dir: str | Path, command: str, resume: bool = False, progress=None) -> dict:
     """Setup -> loop -> save for pretrain-align / sft; returns the JSON summary."""
-    from ..core.batching import Collator, ImageLoader
     from ..core.loop import ExampleBatches, process_state, train
     from ..core.model import count_params
     from ..core.trainable import setup_model
@@ -31,7 +30,7 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, command: str, resume: bool = Fa
     model = setup_model(cfg)
     examples, skipped = load_examples(cfg.data.train, encoder_for(model, cfg.data), cfg.data.on_error,
                                       columns=cfg.data.columns)
-    collate = Collator(model.tokenizer.pad_token_id, ImageLoader(model.image_processor))
+    collate = model.collator()
     main_process = process_state().is_main_process  # with several processes, one writes the outputs
     if main_process:
         save_config(cfg, out, {"command": command})
