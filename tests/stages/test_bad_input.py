@@ -116,7 +116,8 @@ def test_validate_command_lists_every_problem_and_exits_2(corpus, tmp_path):
     r = _cli("data", "validate", allbad, "--json")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     out = json.loads(r.stdout)
-    assert out["metrics"] == {"records": len(lines), "problems": len(corpus), "tokens_checked": False}
+    assert out["metrics"] == {"records": len(lines), "problems": len(corpus), "kind": "conversation",
+                              "tokens_checked": False}
     for i, p in enumerate(out["problems"], 2):
         assert p.startswith(f"{allbad}:{i}: ")
     ok = tmp_path / "good.jsonl"

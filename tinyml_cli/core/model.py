@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import IMAGE_TOKEN, UserError
-from ..config import Part
+from ..config import Part, model_source_problem
 from .connectors import build_connector, connector_size
 
 DEFAULT_CHAT_TEMPLATE = (
@@ -43,6 +43,9 @@ def _hf_load(fn, ident: str, what: str, **kw):
     Weights load only from safetensors (`use_safetensors=True` where passed): a pickled checkpoint can run
     code when it is unpickled, so one from a stranger is refused rather than trusted.
     """
+    problem = model_source_problem(ident)
+    if problem:  # said here: the hub's own message for a path ("Repo id must be in the form ...") misleads
+        raise UserError(f"cannot load {what} '{ident}': {problem}")
     try:
         return fn(ident, **kw)
     except (OSError, ValueError) as e:
@@ -207,13 +210,14 @@ class LMM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens=16, temperature=0.0,
-                 top_p=1.0) -> torch.Tensor:
-        """New tokens for left-padded prompts (HF generate over our input embeddings)."""
+                 top_p=1.0, streamer=None) -> torch.Tensor:
+        """New tokens for left-padded prompts (HF generate over our input embeddings); a `streamer` (transformers'
+        put / end protocol) is handed each step's tokens as they are decoded."""
         emb = self.embed(input_ids, pixel_values)
         tok = self.tokenizer
         # The image placeholder is input only: a sampled one would be read as an image slot in the next forward.
         kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                  eos_token_id=tok.eos_token_id, suppress_tokens=[self.image_token_id])
+                  eos_token_id=tok.eos_token_id, suppress_tokens=[self.image_token_id], streamer=streamer)
         if temperature > 0:
             kw.update(temperature=temperature, top_p=top_p, top_k=0)  # no hidden top-k cut: PPO scores this distribution
         else:  # greedy: drop sampling defaults a checkpoint's generation_config may carry

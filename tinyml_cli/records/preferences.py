@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import IMAGE_TOKEN
 from .conversations import Example, check_image, content_text, image_paths
 from .encoder import Encoder
-from .sources import parse_all
+from .sources import check_all, parse_all
 
 
 def preference_record(record: dict) -> dict:
@@ -104,7 +104,9 @@ def response_only(labels: list[int]) -> list[int]:
     return out
 
 
-def parse_pair(rec, root: Path, enc: Encoder) -> Pair:
+def parse_pair(rec, root: Path, enc: Encoder | None, decode_images: bool = False) -> Pair:
+    """One preference record as a Pair; raises ValueError naming what is wrong with it. Without an encoder only
+    the structure is checked (what `data validate` does without a recipe) and the Pair holds no tokens."""
     if isinstance(rec, ValueError):
         raise rec
     if not isinstance(rec, dict) or not all(k in rec for k in ("prompt", "chosen", "rejected")):
@@ -114,7 +116,17 @@ def parse_pair(rec, root: Path, enc: Encoder) -> Pair:
         raise ValueError("'prompt' must end with a user turn")
     imgs = image_paths(rec, root)
     for img in imgs:
-        check_image(img)
+        check_image(img, decode=decode_images)
+    if enc is None:
+        for key in ("chosen", "rejected"):
+            resp = _messages(rec[key], "assistant", key)
+            if len(resp) != 1 or resp[0]["role"] != "assistant" or not resp[0]["content"].strip():
+                raise ValueError(f"'{key}' must be one non-empty assistant answer")
+        placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in prompt)
+        if placeholders != len(imgs):
+            raise ValueError(f"{placeholders} '<image>' placeholder(s) for {len(imgs)} image(s)")
+        empty = Example([], [], imgs)
+        return Pair(empty, empty, empty, {})
     sides = []
     for key in ("chosen", "rejected"):
         resp = _messages(rec[key], "assistant", key)
@@ -136,3 +148,18 @@ def load_pairs(path: str | Path, enc: Encoder, on_error: str = "fail",
     root = p if p.is_dir() else p.parent
     return parse_all(p, lambda rec: parse_pair(preference_record(rec), root, enc), on_error, columns,
                      "preference record")
+
+
+def is_preference_record(record) -> bool:
+    """A record in one of the preference layouts (it has chosen and rejected), not a conversation."""
+    return isinstance(record, dict) and "chosen" in record and "rejected" in record
+
+
+def validate_pairs(path: str | Path, enc: Encoder | None = None, columns: dict | None = None,
+                   records: list | None = None) -> tuple[int, list[str]]:
+    """Every problem training (reward, dpo, ppo) would find in a preference data set, at once (images fully
+    decoded): (records, problems)."""
+    p = Path(path)
+    root = p if p.is_dir() else p.parent
+    return check_all(p, lambda rec: parse_pair(preference_record(rec), root, enc, decode_images=True), columns,
+                     "preference record", records)

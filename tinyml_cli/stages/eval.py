@@ -14,6 +14,30 @@ from ..records.encoder import encoder_for
 from ..records.scoring import prediction_rows, score, write_eval
 
 
+# What a run's saved recipe says about using its model: the data it was evaluated on and encoded with, and
+# how it generates. eval, generate, chat and serve start from these (then -c / --set).
+RUN_DEFAULTS = ("data.eval", "data.max_length", "data.system_prompt", "data.columns", "gen.max_new_tokens",
+                "gen.temperature", "gen.top_p", "gen.batch_size")
+
+
+def run_defaults(folder: str | Path | None) -> dict:
+    """RUN_DEFAULTS from the config.yaml a training run (or its ONNX export) keeps; {} where there is none."""
+    import yaml
+    saved = Path(folder) / "config.yaml" if folder else None
+    if saved is None or not saved.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        return {}
+    out = {}
+    for key in RUN_DEFAULTS:
+        section, name = key.split(".")
+        if isinstance(data.get(section), dict) and name in data[section]:
+            out[key] = data[section][name]
+    return out
+
+
 def _load(model_dir, cfg):
     from ..core.model import load_model, resolve_dtype
     return load_model(model_dir, dtype=resolve_dtype(cfg.model.dtype), trust_remote_code=cfg.model.trust_remote_code)
