@@ -1,5 +1,5 @@
 """Output folders: a command never silently mixes its files into, or replaces, an earlier output, never deletes
-its own inputs, and a failed command leaves no empty folder behind."""
+its own inputs, and a command that fails before writing anything leaves no folder behind."""
 
 from __future__ import annotations
 
@@ -34,12 +34,13 @@ def prepare_output(out: str | Path, resume: bool = False, overwrite: bool = Fals
 
 @contextlib.contextmanager
 def removed_if_left_empty(out: str | Path):
-    """On failure, remove the output folder again if this command made it and wrote no file into it."""
+    """On failure, remove the output folder again if this command made it and it holds no file, or only the
+    config.yaml of a run that failed before its first step (no metrics, checkpoint or model to keep)."""
     out = Path(out)
     existed = out.exists()
     try:
         yield out
     except BaseException:
-        if not existed and out.is_dir() and not any(p.is_file() for p in out.rglob("*")):
+        if not existed and out.is_dir() and {p.name for p in out.rglob("*") if p.is_file()} <= {"config.yaml"}:
             shutil.rmtree(out, ignore_errors=True)
         raise
