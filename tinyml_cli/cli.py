@@ -522,7 +522,7 @@ def estimate(config: Config = None, set_: PlanSets = None, json_mode: Json = Fal
 
 
 @app.command()
-def report(run_dirs: List[Path] = typer.Argument(..., metavar="RUN_DIR...", help="Run folders (metrics.jsonl, eval_metrics.json, estimate.json), or folders of runs."),
+def report(run_dirs: List[Path] = typer.Argument(..., metavar="RUN_DIR", help="Run folders (metrics.jsonl, eval_metrics.json, estimate.json), or folders of runs."),
            output_dir: Path = typer.Option(Path("runs/report"), "--output-dir", "-o", metavar="DIR", help="Where report.html and the PNG figures go."),
            json_mode: Json = False):
     """Figures (loss, lr, objective metrics, eval, memory) and a self-contained report.html from runs.
@@ -593,23 +593,29 @@ def root(version: bool = typer.Option(False, "--version", callback=version_callb
     """tinyml: post-train small multimodal LLMs and ship them to 8-24 GB GPUs and CPUs."""
 
 
-def _flags_without_types() -> None:
-    """typer's rich help prints a type after every option, flags too (`--json <bool>`), which reads as if the
-    flag took a value; a flag's row shows none here."""
-    from typer.core import TyperOption
-    shown = getattr(TyperOption, "display_type_rich", None)
-    if shown is None or getattr(shown, "flagless", False):
-        return
+def _help_types() -> None:
+    """typer's rich help prints a type after every parameter: after flags too (`--json <bool>`, which reads as if
+    the flag took a value) and lists as `<list[Path]>`. Here a flag shows none and a list its item (`<path>...`)."""
+    import re
 
-    def display_type_rich(self, ctx):
-        return None if self.is_flag else shown(self, ctx)
-    display_type_rich.flagless = True
-    TyperOption.display_type_rich = display_type_rich
+    from typer.core import TyperArgument, TyperOption
+    for cls in (TyperOption, TyperArgument):
+        shown = getattr(cls, "display_type_rich", None)
+        if shown is None or getattr(shown, "tinyml", False):
+            continue
+
+        def display_type_rich(self, ctx, shown=shown):
+            if getattr(self, "is_flag", False):
+                return None
+            text = shown(self, ctx)
+            return re.sub(r"<list\[(\w+)\]>", lambda m: f"<{m.group(1).lower()}>...", text) if text else text
+        display_type_rich.tinyml = True
+        cls.display_type_rich = display_type_rich
 
 
 def main() -> None:
     import logging
-    _flags_without_types()
+    _help_types()
     # bitsandbytes warns on every CPU import that an optional kernels package is missing; its fallback is used
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
