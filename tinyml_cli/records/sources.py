@@ -164,7 +164,8 @@ def parse_all(path: str | Path, parse, on_error: str = "fail", columns: dict | N
     Each item's `meta["where"]` names its record."""
     p = Path(path)
     items, skipped = [], []
-    for line, rec in read_records(path):
+    records = read_records(path)
+    for line, rec in records:
         try:
             if isinstance(rec, ValueError):
                 raise rec
@@ -177,5 +178,5 @@ def parse_all(path: str | Path, parse, on_error: str = "fail", columns: dict | N
         item.meta["where"] = _where(p, line)
         items.append(item)
     if not items:
-        raise UserError(f"{p}: no usable {what}")
+        raise UserError(f"{p}: no usable {what}" + (" (the data set is empty)" if not records else ""))
     return items, skipped
