@@ -350,3 +350,19 @@ def test_tinyml_serve_command(trained, shapes):
     # uvicorn shuts down gracefully, then re-raises the signal so that the exit status says what stopped it
     assert p.returncode in (0, -signal.SIGTERM) and "Traceback" not in err, err[-2000:]
     assert f"serving {trained.name} (torch) at http://127.0.0.1:{port}/v1" in " ".join(err.split())
+
+
+def test_the_readme_openai_example_runs(trained, shapes, capsys):
+    """README's "Chat and serve" example, run as written against a served model (only its URL and image change)."""
+    import re
+    from tinyml_cli.config import load_config
+    from tinyml_cli.stages.serve import load_server
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    code = re.search(r"<!-- openai-example -->\n```python\n(.*?)```", readme, re.S).group(1)
+    assert 'base_url="http://127.0.0.1:8000/v1"' in code and "runs/shapes/images/003000.png" in code
+    app, _, _ = load_server(trained, load_config(None, []))
+    with serving(app) as url:
+        exec(code.replace("http://127.0.0.1:8000", url)
+             .replace("runs/shapes/images/003000.png", str(shapes / "images" / "000048.png")), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0] and lines[0] == lines[1]  # the same answer, whole and streamed
