@@ -204,7 +204,8 @@ def eval_(model_dir: Optional[Path] = typer.Argument(None, metavar="MODEL_DIR", 
     if not onnx:  # the ONNX path never imports torch (nor transformers, which this would)
         ui.quiet_libraries()
     with ui.count_bar(ui.console(json_mode), "eval (onnx)" if onnx else "eval") as bar:
-        result = run_eval(str(model_dir) if model_dir else None, cfg, output_dir, progress=bar, onnx=onnx)
+        result = run_eval(str(model_dir) if model_dir else None, cfg, output_dir, progress=bar, onnx=onnx,
+                          status=bar.status)
     ui.emit(result, json_mode)
 
 
@@ -244,7 +245,7 @@ def chat(model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="A tiny
     Example: tinyml chat runs/sft --image runs/shapes/images/003000.png
     """
     from . import ui
-    from .stages.chat import ChatSession, Chatbot, model_kind
+    from .stages.chat import Chatbot, ChatSession, model_kind
     from .stages.eval import run_defaults
     cfg = _config(config, set_, run_defaults(model_dir))
     if model_kind(model_dir) == "torch":
@@ -312,9 +313,11 @@ def merge(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run fol
     """
     from . import ui
     from .stages.merge import merge_run
+    from .stages.outputs import removed_if_left_empty
     out = _output(output_arg, output_dir)
     ui.quiet_libraries()
-    ui.emit(merge_run(run_dir, out, overwrite), json_mode)
+    with removed_if_left_empty(out):
+        ui.emit(merge_run(run_dir, out, overwrite), json_mode)
 
 
 @app.command("build-tiny")
@@ -449,9 +452,9 @@ def bitdelta_apply(base: Path = typer.Argument(..., metavar="BASE", help="The ba
     from .stages.checks import check_model_dir
     from .stages.outputs import prepare_output, removed_if_left_empty
     out = _output(output_arg, output_dir)
+    if not (delta / "bitdelta.json").is_file():
+        raise UserError(f"not a BitDelta folder (no bitdelta.json): {delta}")
     check_model_dir(base, "BASE: ")
-    if not delta.is_dir():
-        raise UserError(f"DELTA: no such folder: {delta}")
     prepare_output(out, overwrite=overwrite, marker="tinyml_model.json", holds="a model", inputs=[base, delta])
     ui.quiet_libraries()
     with removed_if_left_empty(out):

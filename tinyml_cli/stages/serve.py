@@ -88,7 +88,7 @@ def image_of(url, image_root: Path, limits: Limits, param: str):
         raise _bad("remote image URLs are not fetched: send the image as a data URL (or a path under the "
                    "server's image root)", param, "unsupported_image_url")
     else:
-        path = Path(url[len("file://"):] if url.startswith("file://") else url).expanduser()
+        path = Path(url.removeprefix("file://")).expanduser()
         path = (image_root / path).resolve() if not path.is_absolute() else path.resolve()
         if not path.is_relative_to(image_root.resolve()):
             raise _bad(f"image path outside the server's image root ({image_root}): {url}", param)
