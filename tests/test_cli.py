@@ -36,41 +36,56 @@ def test_root_help_lists_commands():
         assert c in r.stdout
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_every_command_has_help_with_an_example(command):
-    r = tinyml(*command.split(), "--help")
-    assert r.returncode == 0, r.stderr
-    assert "Example: tinyml" in r.stdout
+@pytest.fixture(scope="module")
+def helps() -> dict:
+    """Every command's --help, rendered once in this process (as `main` renders it) rather than a process each."""
+    from typer.testing import CliRunner
+
+    from tinyml_cli.cli import _help_types, app
+    _help_types()
+    runner = CliRunner()
+    out = {}
+    for command in COMMANDS:
+        r = runner.invoke(app, [*command.split(), "--help"], env={"COLUMNS": "200"})
+        assert r.exit_code == 0, (command, r.output)
+        out[command] = r.output
+    return out
+
+
+def test_every_command_has_help_with_an_example(helps):
+    for command, text in helps.items():
+        assert "Example: tinyml" in text, command
+    r = tinyml("sft", "--help")  # and through the real entry point
+    assert r.returncode == 0 and "Example: tinyml sft" in r.stdout and "<bool>" not in r.stdout
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_help_says_what_each_option_takes(command):
+def test_help_says_what_each_option_takes(helps, command):
     """Flags show no type (`--json <bool>` read as taking a value), lists no `<list[str]>`, the example is of this
     very command, and the recipe help names no one recipe as if it were every command's."""
-    r = tinyml(*command.split(), "--help")
-    assert r.returncode == 0, r.stderr
-    assert "<bool>" not in r.stdout and "list[" not in r.stdout and "(tiny_sft)" not in r.stdout
-    example = next(line for line in r.stdout.splitlines() if "Example: tinyml" in line)
+    text = helps[command]
+    assert "<bool>" not in text and "list[" not in text and "(tiny_sft)" not in text
+    example = next(line for line in text.splitlines() if "Example: tinyml" in line)
     assert example.split("Example: ")[1].startswith(f"tinyml {command}"), example
     if command in ("generate", "eval", "chat", "serve"):
-        assert "train.max_steps" not in r.stdout  # a generation command's example override is a gen key
+        assert "train.max_steps" not in text  # a generation command's example override is a gen key
     if command in WRITERS:
-        assert "--output-dir" in r.stdout and "-o" in r.stdout, command
+        assert "--output-dir" in text and "-o" in text, command
 
 
-def test_dash_m_means_one_thing():
+def test_dash_m_means_one_thing(helps):
     meanings = set()
     for command in COMMANDS:
-        for line in tinyml(*command.split(), "--help").stdout.splitlines():
+        for line in helps[command].splitlines():
             cells = line.replace("│", " ").replace("*", " ").split()
             if cells and cells[0].startswith("--") and "-m" in cells:  # an option's row
                 meanings.add(cells[cells.index("-m") - 1])
     assert meanings == {"--model"}
 
 
-def test_sft_help_names_every_peft_method():
+def test_sft_help_names_every_peft_method(helps):
     from tinyml_cli.config import choices
-    out = " ".join(tinyml("sft", "--help").stdout.split())
+    out = " ".join(helps["sft"].split())
     assert all(m in out for m in choices("peft.method"))
 
 
@@ -146,8 +161,16 @@ def test_env_reports_versions_and_accelerators():
     assert len(out["accelerators"]["devices"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
     assert out["machine"]["memory_bytes"] > 0 and out["machine"]["cpu_count"] > 0
     assert "CPUExecutionProvider" in out["machine"]["onnxruntime_providers"]
-    people = tinyml("env")
-    assert people.returncode == 0 and "torch" in people.stdout and "memory" in people.stdout
+    import io
+
+    from rich.console import Console
+
+    from tinyml_cli import ui
+    con = Console(file=io.StringIO(), width=150)
+    ui.env_report(con, out)  # what `tinyml env` prints for people
+    text = con.file.getvalue()
+    assert torch.__version__ in text and out["versions"]["transformers"] in text
+    assert "memory" in text and "CUDA" in text and "MPS" in text
 
 
 def test_help_does_not_import_torch():
