@@ -71,3 +71,30 @@ def tiny_model(tiny_cfg):
     from tinyml_cli.core.model import build_model
     torch.manual_seed(0)
     return build_model(tiny_cfg().model)
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_cfg, tmp_path_factory):
+    """A few full-sft steps on the tiny default, with the EOS row of lm_head pushed down.
+
+    After 3 steps the model answers EOS at once, which would make greedy parity a one-token check; a model that
+    never stops makes every prompt a multi-token sequence, through the KV cache.
+    """
+    from tinyml_cli.core.model import load_model
+    from tinyml_cli.stages.sft import run_sft
+    run = tmp_path_factory.mktemp("run")
+    run_sft(tiny_cfg("peft.method=full"), run, "sft")
+    model = load_model(run)
+    head = model.llm.get_output_embeddings().weight.data
+    head[model.tokenizer.eos_token_id] = -10 * head.mean(0)
+    model.save(run)
+    return run
+
+
+@pytest.fixture(scope="session")
+def exported(trained, tmp_path_factory):
+    """The trained model's fp32 ONNX export (`tinyml export`: its config.yaml travels with it)."""
+    from tinyml_cli.stages.export import run_export
+    out = tmp_path_factory.mktemp("onnx")
+    run_export(trained, out)
+    return out

@@ -4,13 +4,18 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 COMMANDS = ["pretrain-align", "sft", "eval", "generate", "demo", "build-tiny", "data synth-shapes", "merge", "estimate",
             "export", "quantize", "bitdelta compress", "bitdelta apply", "reward", "reward score", "dpo", "ppo",
-            "data synth-preferences", "report"]
+            "data synth-preferences", "report", "data validate", "chat", "serve", "env", "recipes list",
+            "recipes show", "recipes keys"]
+# The commands that write a folder: each takes -o/--output-dir (beside an OUTPUT_DIR argument where it had one).
+WRITERS = ["pretrain-align", "sft", "reward", "dpo", "ppo", "eval", "demo", "build-tiny", "data synth-shapes",
+           "data synth-preferences", "merge", "export", "quantize", "bitdelta compress", "bitdelta apply", "report"]
 
 
 def tinyml(*args, cwd=None):
@@ -33,11 +38,142 @@ def test_root_help_lists_commands():
         assert c in r.stdout
 
 
+@pytest.fixture(scope="module")
+def helps() -> dict:
+    """Every command's --help, rendered once in this process (as `main` renders it) rather than a process each."""
+    from typer.testing import CliRunner
+
+    from tinyml_cli.cli import _help_types, app
+    _help_types()
+    runner = CliRunner()
+    out = {}
+    for command in COMMANDS:
+        r = runner.invoke(app, [*command.split(), "--help"], env={"COLUMNS": "200"})
+        assert r.exit_code == 0, (command, r.output)
+        out[command] = r.output
+    return out
+
+
+def test_every_command_has_help_with_an_example(helps):
+    for command, text in helps.items():
+        assert "Example: tinyml" in text, command
+    r = tinyml("sft", "--help")  # and through the real entry point
+    assert r.returncode == 0 and "Example: tinyml sft" in r.stdout and "<bool>" not in r.stdout
+
+
 @pytest.mark.parametrize("command", COMMANDS)
-def test_every_command_has_help_with_an_example(command):
-    r = tinyml(*command.split(), "--help")
+def test_help_says_what_each_option_takes(helps, command):
+    """Flags show no type (`--json <bool>` read as taking a value), lists no `<list[str]>`, the example is of this
+    very command, and the recipe help names no one recipe as if it were every command's."""
+    text = helps[command]
+    assert "<bool>" not in text and "list[" not in text and "(tiny_sft)" not in text
+    example = next(line for line in text.splitlines() if "Example: tinyml" in line)
+    assert example.split("Example: ")[1].startswith(f"tinyml {command}"), example
+    if command in ("generate", "eval", "chat", "serve"):
+        assert "train.max_steps" not in text  # a generation command's example override is a gen key
+    if command in WRITERS:
+        assert "--output-dir" in text and "-o" in text, command
+
+
+def test_dash_m_means_one_thing(helps):
+    meanings = set()
+    for command in COMMANDS:
+        for line in helps[command].splitlines():
+            cells = line.replace("│", " ").replace("*", " ").split()
+            if cells and cells[0].startswith("--") and "-m" in cells:  # an option's row
+                meanings.add(cells[cells.index("-m") - 1])
+    assert meanings == {"--model"}
+
+
+def test_sft_help_names_every_peft_method(helps):
+    from tinyml_cli.config import choices
+    out = " ".join(helps["sft"].split())
+    assert all(m in out for m in choices("peft.method"))
+
+
+def test_root_help_is_quick():
+    """`tinyml --help` answers in under a second (heavy imports live inside the commands); the best of three runs,
+    as the machine is shared."""
+    import time
+    best = 99.0
+    for _ in range(3):
+        t = time.perf_counter()
+        assert tinyml("--help").returncode == 0
+        best = min(best, time.perf_counter() - t)
+    assert best < 1.0, best
+
+
+def test_recipes_list_shows_commands_a_pip_user_can_run():
+    r = tinyml("recipes", "list", "--json")
+    found = one_json(r.stdout)["recipes"]
+    shipped = sorted(p.stem for p in (Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+    assert sorted(rec["name"] for rec in found) == shipped
+    for rec in found:
+        assert "recipes/" not in rec["command"] and f"-c {rec['name']}" in rec["command"], rec
+
+
+def test_a_bare_training_command_says_what_is_missing_and_leaves_nothing(tmp_path):
+    r = tinyml("sft", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == "error: data.train is not set (a LLaVA-format JSON / JSONL file)"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_and_quantize_refuse_an_occupied_folder(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "tinyml_model.json").write_text("{}")
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "tinyml_onnx.json").write_text("{}")
+    (tmp_path / "occupied").mkdir()
+    (tmp_path / "occupied" / "notes.txt").write_text("keep")
+    for args in (["export", tmp_path / "model", tmp_path / "occupied"],
+                 ["export", tmp_path / "model", "-o", tmp_path / "occupied", "--format", "hf-llava"],
+                 ["quantize", tmp_path / "onnx", tmp_path / "occupied"],
+                 ["quantize", tmp_path / "model", tmp_path / "occupied", "--method", "nf4"]):
+        r = tinyml(*args)
+        assert r.returncode == 2 and "occupied already holds files: pass --overwrite" in r.stderr, (args, r.stderr)
+    assert [p.name for p in (tmp_path / "occupied").iterdir()] == ["notes.txt"]
+    r = tinyml("export", tmp_path / "model", tmp_path / "model", "--overwrite")
+    assert r.returncode == 2 and "holds the input" in r.stderr
+    assert (tmp_path / "model" / "tinyml_model.json").is_file()
+    r = tinyml("quantize", tmp_path / "model", tmp_path / "q")  # int4 needs an ONNX export: said before any work
+    assert r.returncode == 2 and "int4 quantizes an ONNX export" in r.stderr and not (tmp_path / "q").exists()
+    r = tinyml("quantize", tmp_path / "onnx", tmp_path / "q", "--method", "int3")
+    assert r.returncode == 2 and "--method must be one of int4, nf4, fp4, int8" in r.stderr
+
+
+def test_output_folder_as_argument_or_option(tmp_path):
+    r = tinyml("data", "synth-shapes", "-o", tmp_path / "d", "--n", 3, "--n-eval", 1, "--json")
     assert r.returncode == 0, r.stderr
-    assert "Example: tinyml" in r.stdout
+    assert one_json(r.stdout)["output_dir"] == str(tmp_path / "d") and (tmp_path / "d" / "train.jsonl").is_file()
+    r = tinyml("data", "synth-shapes", tmp_path / "a", "-o", tmp_path / "b")
+    assert r.returncode == 2 and "two output folders" in r.stderr
+    r = tinyml("data", "synth-shapes")
+    assert r.returncode == 2 and "OUTPUT_DIR or -o DIR" in r.stderr
+
+
+def test_env_reports_versions_and_accelerators():
+    r = tinyml("env", "--json")
+    assert r.returncode == 0, r.stderr
+    out = one_json(r.stdout)
+    import platform
+
+    import torch
+    assert out["versions"]["python"] == platform.python_version() and out["versions"]["torch"] == torch.__version__
+    assert {"transformers", "peft", "bitsandbytes", "accelerate", "onnxruntime"} <= set(out["versions"])
+    assert out["accelerators"]["cuda"] == torch.cuda.is_available()
+    assert len(out["accelerators"]["devices"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    assert out["machine"]["memory_bytes"] > 0 and out["machine"]["cpu_count"] > 0
+    assert "CPUExecutionProvider" in out["machine"]["onnxruntime_providers"]
+    import io
+
+    from rich.console import Console
+
+    from tinyml_cli import ui
+    con = Console(file=io.StringIO(), width=150)
+    ui.env_report(con, out)  # what `tinyml env` prints for people
+    text = con.file.getvalue()
+    assert torch.__version__ in text and out["versions"]["transformers"] in text
+    assert "memory" in text and "CUDA" in text and "MPS" in text
 
 
 def test_help_does_not_import_torch():

@@ -124,3 +124,46 @@ def test_recipes_keys_lists_the_valid_values_of_every_choice():
     typed = [k for k in keys if choices(k)]
     assert {"model.connector", "model.dtype", "data.on_error", "train.optimizer", "train.mixed_precision",
             "peft.method", "peft.quant_type", "pref.loss_type", "train.report_to"} <= set(typed)
+
+
+def test_a_saved_config_with_run_facts_loads_as_a_recipe(tmp_path):
+    """config.yaml beside a run (with its command, and bitdelta's base / finetuned) is a recipe `-c` runs again."""
+    from tinyml_cli.config import RUN_INFO
+    cfg = load_config(None, ["train.max_steps=9", "data.columns={image: img}", "peft.method=lora"])
+    save_config(cfg, tmp_path, {"command": "bitdelta compress", "base": "runs/align", "finetuned": "runs/sft"})
+    assert set(RUN_INFO) <= set(__import__("yaml").safe_load((tmp_path / "config.yaml").read_text()))
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert load_config(tmp_path / "config.yaml", ["train.max_steps=2"]).train.max_steps == 2
+    with pytest.raises(ValueError, match="not RUN_INFO keys"):
+        save_config(cfg, tmp_path, {"comand": "sft"})  # a key load_config would refuse is never saved
+
+
+def test_a_mistyped_recipe_name_gets_a_suggestion(tmp_path):
+    with pytest.raises(UserError) as e:
+        load_config("tiny_sfft")
+    from tinyml_cli.config import shipped_recipes
+    names = ", ".join(r["name"] for r in shipped_recipes())
+    assert "tiny_align" in names and "tiny_sft" in names
+    assert str(e.value) == f"config file not found: tiny_sfft (did you mean tiny_sft? shipped recipes: {names})"
+    with pytest.raises(UserError, match="did you mean tiny_dpo"):
+        load_config("tiny_dop.yaml")
+    with pytest.raises(UserError) as e:
+        load_config(tmp_path / "mine.yaml")  # a path is not compared with shipped names
+    assert str(e.value) == f"config file not found: {tmp_path / 'mine.yaml'}"
+
+
+def test_model_sources_that_cannot_load_are_named_without_the_hub(tmp_path):
+    from tinyml_cli.config import model_source_problem
+    assert model_source_problem(str(tmp_path)) is None
+    assert model_source_problem(str(tmp_path / "missing" / "llm")) == "no such folder"
+    assert model_source_problem("./runs/llm") == "no such folder"
+    (tmp_path / "f.txt").write_text("x")
+    assert model_source_problem(str(tmp_path / "f.txt")) == "not a folder"
+    assert "no hub model of that name in the local cache" in model_source_problem("someone/no-such-model")  # HF_HUB_OFFLINE=1 in tests
+
+
+def test_estimate_with_a_missing_folder_is_one_tinyml_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tinyml_cli", "estimate", "--set", f"model.llm={tmp_path / 'nope'}",
+                        "--set", f"model.vision={tmp_path / 'nope2'}"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: cannot load LLM config '{tmp_path / 'nope'}': no such folder"

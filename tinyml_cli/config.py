@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -317,9 +319,23 @@ def recipe_path(path: str | Path) -> Path:
     p = Path(path)
     if p.exists():
         return p
-    from importlib.resources import files
     shipped = files("tinyml_cli.recipes") / (p.name if p.suffix == ".yaml" else p.name + ".yaml")
     return Path(str(shipped)) if shipped.is_file() else p
+
+
+def _recipe_not_found(path: str | Path) -> UserError:
+    """A missing recipe file; a bare name is compared with the shipped recipes' names."""
+    p, names = Path(path), list(_recipe_files())
+    if p.parent != Path(".") or p.suffix not in ("", ".yaml"):
+        return UserError(f"config file not found: {p}")
+    close = difflib.get_close_matches(p.stem, names, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return UserError(f"config file not found: {p} ({hint}shipped recipes: {', '.join(names)})")
+
+
+# What save_config records about a run beside its recipe (the command, bitdelta's input folders). A saved
+# config.yaml is a recipe that runs again as it is, so these top-level keys are accepted and ignored on load.
+RUN_INFO = ("command", "base", "finetuned")
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = (),
@@ -331,13 +347,14 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
     if path:
         p = recipe_path(path)
         if not p.is_file():
-            raise UserError(f"config file not found: {p}")
+            raise _recipe_not_found(path)
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise UserError(f"{p}: a recipe must be a mapping of sections")
+        data = {k: v for k, v in data.items() if k not in RUN_INFO or isinstance(v, dict)}
         for k, v in _flatten(data).items():
             _set(cfg, k, v)
     for item in overrides:
@@ -355,6 +372,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
 
 
 def save_config(cfg: RunConfig, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """The resolved recipe as `config.yaml` (a recipe `-c` runs again), with `extra` run facts (RUN_INFO keys)."""
+    unknown = set(extra or {}) - set(RUN_INFO)
+    if unknown:  # a key load_config does not know would make the saved file fail to load again
+        raise ValueError(f"save_config: {sorted(unknown)} are not RUN_INFO keys")
     p = Path(out_dir) / "config.yaml"
     data = cfg.to_dict()
     if extra:
@@ -369,6 +390,26 @@ def config_from_dict(data: dict) -> RunConfig:
     for k, v in _flatten({s: data[s] for s in data if s in {f.name for f in dataclasses.fields(RunConfig)}}).items():
         _set(cfg, k, v)
     return cfg
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def model_source_problem(value: str) -> str | None:
+    """Why a model source (model.llm, model.vision: a folder or a hub id) cannot load, found without loading it;
+    None when it may. A value that cannot be a hub id (`name` or `owner/name`) must be a folder here."""
+    if Path(value).expanduser().is_dir():
+        return None
+    hub_like = re.fullmatch(r"[\w.-]{1,96}(/[\w.-]{1,96})?", value) and ".." not in value and "--" not in value \
+        and not value.startswith(".")
+    if not hub_like:
+        return "no such folder" if not Path(value).expanduser().exists() else "not a folder"
+    if hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+        if not isinstance(try_to_load_from_cache(value, "config.json"), str):
+            return "no such folder, and no hub model of that name in the local cache (HF_HUB_OFFLINE is set)"
+    return None
 
 
 def _recipe_files() -> dict:

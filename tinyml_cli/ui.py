@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -36,28 +37,49 @@ def quiet_libraries() -> None:
     logging.getLogger("accelerate").setLevel(logging.ERROR)
 
 
+class _Counts(ProgressColumn):
+    """`done/total` once the total is known; before that the phase the command is in (its status line)."""
+
+    def render(self, task):
+        from rich.text import Text
+        if task.total is None:
+            return Text(task.fields.get("status", ""), style="italic")
+        return Text(f"{task.completed:,.0f}/{task.total:,.0f}")
+
+
+class _Eta(ProgressColumn):
+    def render(self, task):
+        from rich.text import Text
+        return Text("") if task.total is None else Text(f"ETA {TimeRemainingColumn().render(task)}")
+
+
 @contextlib.contextmanager
 def training_bar(con: Console, title: str):
-    """Yields `update(step, total, loss, tokens_per_s)` driving a bar with loss, tokens/s and ETA."""
-    cols = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    """Yields `update(step, total, loss, tokens_per_s)` driving a bar with loss, tokens/s and ETA; its
+    `update.status(text)` says what the command is doing before the first step (loading, encoding, ...)."""
+    cols = [TextColumn("[bold]{task.description}"), BarColumn(), _Counts(), TextColumn("{task.fields[loss]}"),
+            TextColumn("{task.fields[tps]}"), TimeElapsedColumn(), _Eta()]
     with Progress(*cols, console=con) as prog:
-        task = prog.add_task(title, total=None, loss="-", tps="-")
+        task = prog.add_task(title, total=None, loss="", tps="", status="starting")
 
         def update(step, total, loss, tps):
-            prog.update(task, completed=step, total=total, loss=f"{loss:.4f}", tps=f"{tps:,.0f}")
+            prog.update(task, completed=step, total=total, loss=f"loss {loss:.4f}", tps=f"{tps:,.0f} tok/s")
+        update.status = lambda text: prog.update(task, status=text)
         yield update
 
 
 @contextlib.contextmanager
 def count_bar(con: Console, title: str):
-    """Yields `update(done, total)` for work counted in items (evaluation, data building)."""
-    cols = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    """Yields `update(done, total)` for work counted in items (evaluation, data building); `update.status(text)`
+    as for training_bar."""
+    cols = [TextColumn("[bold]{task.description}"), BarColumn(), _Counts(), TimeElapsedColumn(), _Eta()]
     with Progress(*cols, console=con) as prog:
-        task = prog.add_task(title, total=None)
-        yield lambda done, total: prog.update(task, completed=done, total=total)
+        task = prog.add_task(title, total=None, status="starting")
+
+        def update(done, total):
+            prog.update(task, completed=done, total=total)
+        update.status = lambda text: prog.update(task, status=text)
+        yield update
 
 
 def _fmt(v) -> str:
@@ -196,3 +218,73 @@ def demo_table(con: Console, before: dict, after: dict) -> None:
     table.add_row("[bold]overall", f"{before['vqa_accuracy']:.3f}", f"[bold]{after['vqa_accuracy']:.3f}")
     table.add_row("POPE F1", f"{before.get('pope', {}).get('f1', 0):.3f}", f"{after.get('pope', {}).get('f1', 0):.3f}")
     con.print(table)
+
+
+def env_report(con: Console, result: dict) -> None:
+    """`tinyml env` for people: one row per version and per fact about the machine, ready to paste."""
+    table = Table(title="tinyml env", show_header=False)
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    for k, v in result["versions"].items():
+        table.add_row(k, v or "[dim]not installed[/dim]")
+    acc, m = result["accelerators"], result["machine"]
+    table.add_row("CUDA", f"yes (CUDA {acc.get('cuda_version')}, bf16 {'yes' if acc.get('bf16') else 'no'})"
+                  if acc.get("cuda") else "no")
+    for d in acc.get("devices", []):
+        table.add_row(f"  cuda:{d['index']}", f"{d['name']}, {_gb(d['memory_bytes'])}, compute {d['capability']}")
+    table.add_row("MPS (Apple)", "yes" if acc.get("mps") else "no")
+    table.add_row("platform", m["platform"])
+    table.add_row("CPUs", f"{m['cpu_count']} ({m['processor']}; torch uses {acc.get('cpu_threads', '-')} threads)")
+    table.add_row("memory", f"{_gb(m['memory_bytes'])} ({_gb(m['memory_available_bytes'])} available)")
+    table.add_row("onnxruntime providers", ", ".join(m["onnxruntime_providers"]) or "-")
+    con.print(table)
+
+
+def _prompt_lines(prompt: str):
+    """Lines typed by the user (the prompt shown only at a terminal); ends at EOF."""
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input(prompt) if interactive else sys.stdin.readline()
+        except EOFError:
+            return
+        if not interactive and line == "":
+            return
+        yield line.rstrip("\n")
+
+
+def chat(session, con: Console) -> None:
+    """The terminal conversation: each answer streamed to stdout as it is decoded; notes and errors on stderr.
+    A bad image or a conversation that no longer fits is one red line, and the conversation goes on."""
+    from rich.markup import escape
+
+    from . import UserError
+    con.print(f"[dim]chat with {escape(str(session.bot.folder))} ({session.bot.kind}): /image PATH, /reset, "
+              f"/exit or Ctrl-D[/dim]")
+    if session.pending:
+        con.print(f"[dim]{escape(str(session.pending[0]))} goes with your first message[/dim]")
+
+    def out(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    for line in _prompt_lines("you> "):
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            if text.startswith("/"):
+                note = session.command(text)
+                if note is None:
+                    break
+                con.print(f"[dim]{escape(note)}[/dim]")
+                continue
+            session.ask(text, on_text=out)
+            out("\n")
+        except UserError as e:
+            con.print(f"[red]error:[/red] {escape(str(e))}")
+
+
+def serving(con: Console, model_id: str, kind: str, host: str, port: int) -> None:
+    shown = f"[{host}]" if ":" in host else host
+    con.print(f"serving [bold]{model_id}[/bold] ({kind}) at http://{shown}:{port}/v1 "
+              f"(chat/completions, models); Ctrl-C stops")

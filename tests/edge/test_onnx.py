@@ -10,32 +10,6 @@ from test_cli import one_json, tinyml
 
 
 @pytest.fixture(scope="session")
-def trained(tiny_cfg, tmp_path_factory):
-    """A few full-sft steps on the tiny default, with the EOS row of lm_head pushed down.
-
-    After 3 steps the model answers EOS at once, which would make greedy parity a one-token check; a model that
-    never stops makes every prompt a multi-token sequence, through the KV cache.
-    """
-    from tinyml_cli.core.model import load_model
-    from tinyml_cli.stages.sft import run_sft
-    run = tmp_path_factory.mktemp("run")
-    run_sft(tiny_cfg("peft.method=full"), run, "sft")
-    model = load_model(run)
-    head = model.llm.get_output_embeddings().weight.data
-    head[model.tokenizer.eos_token_id] = -10 * head.mean(0)
-    model.save(run)
-    return run
-
-
-@pytest.fixture(scope="session")
-def exported(trained, tmp_path_factory):
-    from tinyml_cli.core.export import export_onnx
-    out = tmp_path_factory.mktemp("onnx")
-    export_onnx(trained, out)
-    return out
-
-
-@pytest.fixture(scope="session")
 def examples(trained, tiny_cfg):
     from tinyml_cli.core.model import load_model
     from tinyml_cli.records.conversations import eval_examples

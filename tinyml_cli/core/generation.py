@@ -1,4 +1,5 @@
-"""Generation with the PyTorch model: batched answers to encoded prompts, held-out evaluation, one prompt."""
+"""Generation with the PyTorch model: batched answers to encoded prompts, held-out evaluation, one prompt, and
+one prompt's tokens streamed as they are decoded (chat, serve)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,39 @@ def generated_tokens(model, examples: list, max_new_tokens: int, temperature: fl
             new = model.generate(**batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         return [seq[:seq.index(eos) + 1] if eos in seq else seq for seq in new.tolist()]
     return in_length_order(examples, batch_size, run, progress)
+
+
+class _TokenStreamer:
+    """transformers' streamer protocol: `put` gets the prompt first (a 2-d tensor, ignored), then each step's new
+    token (1-d, one row here), which goes to `on_token`."""
+
+    def __init__(self, on_token):
+        self.on_token = on_token
+
+    def put(self, value) -> None:
+        if value.dim() == 1:
+            self.on_token(int(value[0]))
+
+    def end(self) -> None:
+        pass
+
+
+def stream_tokens(model, example, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                  on_token=None) -> list[int]:
+    """New tokens of one encoded prompt (up to and including the end-of-sequence token), each handed to
+    `on_token` as soon as it is decoded; the same tokens `generated_tokens` gives for it alone."""
+    import torch
+
+    from .batching import Collator, ImageLoader
+    model.eval()
+    collate = Collator(model.tokenizer.pad_token_id, ImageLoader(model.image_processor, cache_bytes=0), left_pad=True)
+    batch = {k: v.to(model.device) for k, v in collate([example]).items()}
+    batch.pop("labels")
+    eos = model.tokenizer.eos_token_id
+    with torch.no_grad():
+        seq = model.generate(**batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             streamer=_TokenStreamer(on_token) if on_token else None)[0].tolist()
+    return seq[:seq.index(eos) + 1] if eos in seq else seq
 
 
 def answers_for(model, examples: list, gen, progress=None) -> list[str]:

@@ -26,6 +26,10 @@ def _hf_load(fn, ident: str, what: str, **kw):
     Weights load only from safetensors (`use_safetensors=True` where passed): a pickled checkpoint can run
     code when it is unpickled, so one from a stranger is refused rather than trusted.
     """
+    from ..config import model_source_problem
+    problem = model_source_problem(ident)
+    if problem:  # said here: the hub's own message for a path ("Repo id must be in the form ...") misleads
+        raise UserError(f"cannot load {what} '{ident}': {problem}")
     try:
         return fn(ident, **kw)
     except (OSError, ValueError) as e:

@@ -231,13 +231,14 @@ class LMM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens=16, temperature=0.0,
-                 top_p=1.0) -> torch.Tensor:
-        """New tokens for left-padded prompts (HF generate over our input embeddings)."""
+                 top_p=1.0, streamer=None) -> torch.Tensor:
+        """New tokens for left-padded prompts (HF generate over our input embeddings); a `streamer` (transformers'
+        put / end protocol) is handed each step's tokens as they are decoded."""
         emb = self.embed(input_ids, pixel_values)
         tok = self.tokenizer
         # The image placeholder is input only: a sampled one would be read as an image slot in the next forward.
         kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                  eos_token_id=tok.eos_token_id, suppress_tokens=[self.image_token_id])
+                  eos_token_id=tok.eos_token_id, suppress_tokens=[self.image_token_id], streamer=streamer)
         if temperature > 0:
             kw.update(temperature=temperature, top_p=top_p, top_k=0)  # no hidden top-k cut: PPO scores this distribution
         else:  # greedy: drop sampling defaults a checkpoint's generation_config may carry

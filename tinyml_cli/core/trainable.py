@@ -153,3 +153,8 @@ def setup_model(cfg: RunConfig, dropout: str = "on", build=None):
         model.base_llm().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.base_llm().config.use_cache = False
     return model
+
+
+def model_source(cfg: RunConfig) -> str:
+    """What setup_model loads, in words (for the status line before training)."""
+    return cfg.model.init_from or f"{cfg.model.llm} + {cfg.model.vision}"

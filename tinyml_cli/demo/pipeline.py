@@ -72,7 +72,7 @@ def _bitdelta(out: Path, con, quick: bool, seed: int):
     t = time.time()
     with ui.training_bar(con, "bitdelta scale distillation") as bar:
         m = bitdelta_demo_metrics(out / "sft", out / "dpo", out / "shapes" / "train.jsonl", out / "shapes" / "eval.jsonl",
-                                  out / "bitdelta", progress=bar, seed=seed)
+                                  out / "bitdelta", progress=bar, seed=seed, status=bar.status)
     return m, {"bitdelta": time.time() - t}, {"bitdelta": str(out / "bitdelta")}
 
 
@@ -108,7 +108,7 @@ def run_demo(out: str | Path, con, quick: bool = False, full: bool = False, seed
     align_cfg = load_config("tiny_align", paths + [f"data.train={files['captions']}"] + steps)
     t = time.time()
     with ui.training_bar(con, "pretrain-align") as bar:
-        align = run_sft(align_cfg, out / "align", "pretrain-align", progress=bar)
+        align = run_sft(align_cfg, out / "align", "pretrain-align", progress=bar, status=bar.status)
     seconds["pretrain_align"] = time.time() - t
     before = _eval(out / "align", align_cfg)
 
@@ -116,7 +116,7 @@ def run_demo(out: str | Path, con, quick: bool = False, full: bool = False, seed
                                        f"data.eval={files['eval']}"] + steps)
     t = time.time()
     with ui.training_bar(con, "sft") as bar:
-        sft = run_sft(sft_cfg, out / "sft", "sft", progress=bar)
+        sft = run_sft(sft_cfg, out / "sft", "sft", progress=bar, status=bar.status)
     seconds["sft"] = time.time() - t
     t = time.time()
     after = _eval(out / "sft", sft_cfg)
@@ -178,13 +178,13 @@ def run_preference_stages(out: Path, sft_dir: Path, con, quick: bool = False, se
 
     t = time.time()
     with ui.training_bar(con, "reward") as bar:
-        reward = run_reward(load_config("tiny_reward", common + short), out / "reward", progress=bar)
+        reward = run_reward(load_config("tiny_reward", common + short), out / "reward", progress=bar, status=bar.status)
     seconds["reward"] = time.time() - t
 
     t = time.time()
     dpo_cfg = load_config("tiny_dpo", common + short)
     with ui.training_bar(con, "dpo") as bar:
-        dpo = run_dpo(dpo_cfg, out / "dpo", progress=bar)
+        dpo = run_dpo(dpo_cfg, out / "dpo", progress=bar, status=bar.status)
     fp_sft = _pope_fp_rate(sft_dir, files["pope_probe"], dpo_cfg)
     fp_dpo = _pope_fp_rate(out / "dpo", files["pope_probe"], dpo_cfg)
     seconds["dpo"] = time.time() - t
@@ -192,7 +192,7 @@ def run_preference_stages(out: Path, sft_dir: Path, con, quick: bool = False, se
     t = time.time()
     ppo_cfg = load_config("tiny_ppo", common + (["ppo.rollouts=2", "ppo.rollout_size=8", "ppo.minibatch=4"] if quick else []))
     with ui.training_bar(con, "ppo") as bar:
-        ppo = run_ppo(ppo_cfg, out / "ppo", progress=bar)
+        ppo = run_ppo(ppo_cfg, out / "ppo", progress=bar, status=bar.status)
     seconds["ppo"] = time.time() - t
 
     d, p = dpo["metrics"], ppo["metrics"]
@@ -269,11 +269,12 @@ def edge_demo_metrics(model_dir: str | Path, eval_file: str | Path, out_dir: str
     return metrics
 
 
-def bitdelta_demo_metrics(base_dir, finetuned_dir, train_file, eval_file, out_dir, progress=None, seed: int = 0) -> dict:
+def bitdelta_demo_metrics(base_dir, finetuned_dir, train_file, eval_file, out_dir, progress=None, seed: int = 0,
+                          status=None) -> dict:
     """The demo's BitDelta figures: the fine-tuned run compressed against its base, default settings, calibrated
     on the conversations of train_file (the fine-tuned run's own data may be preference pairs)."""
     cfg = compress_config(None, [f"data.train={train_file}", f"data.eval={eval_file}", f"train.seed={seed}"], finetuned_dir)
-    m = run_compress(cfg, base_dir, finetuned_dir, out_dir, progress=progress)["metrics"]
+    m = run_compress(cfg, base_dir, finetuned_dir, out_dir, progress=progress, status=status)["metrics"]
     return {"vqa_accuracy_bitdelta_finetuned": m["vqa_accuracy_finetuned"], "bitdelta_ratio": m["ratio"], "bitdelta_ratio_total": m["ratio_total"],
             "bitdelta_kl_initial": m["kl_initial"], "bitdelta_kl_distilled": m["kl_distilled"],
             "bitdelta_top1_agreement_initial": m["top1_agreement_initial"],

@@ -169,9 +169,10 @@ class OnnxLMM:
             emb[is_img] = img.reshape(-1, img.shape[-1]).astype(emb.dtype)
         return emb
 
-    def generate(self, prompts: list[list[int]], images: list[list], max_new_tokens: int = 16,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
-        """New tokens of each prompt, up to and including the end-of-sequence token."""
+    def steps(self, prompts: list[list[int]], images: list[list], max_new_tokens: int = 16,
+              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
+        """Decode step by step: yields each step's next token of every prompt (an array) and which prompts had
+        already finished before it (their token is to be ignored)."""
         m, b = self.meta, len(prompts)
         n = max(len(p) for p in prompts)
         pad, eos = self.tokenizer.pad_token_id or 0, self.tokenizer.eos_token_id
@@ -186,7 +187,6 @@ class OnnxLMM:
                 for i in range(m["num_layers"]) for kv in ("key", "value")}
         rng = np.random.default_rng(seed)
         done = np.zeros(b, bool)
-        out: list[list[int]] = [[] for _ in range(b)]
         decoder = self.sessions["decoder"]
         for _ in range(max_new_tokens):
             logits, *present = decoder.run(None, {"inputs_embeds": emb.astype(self.float), "attention_mask": mask,
@@ -194,8 +194,7 @@ class OnnxLMM:
             step = logits[:, -1].astype(np.float32)
             step[:, self.image_token_id] = -np.inf  # input only, as in the PyTorch path
             nxt = self._pick(step, temperature, top_p, rng)
-            for i in np.flatnonzero(~done):
-                out[i].append(int(nxt[i]))
+            yield nxt, done.copy()
             done |= nxt == eos
             if done.all():
                 break
@@ -203,7 +202,21 @@ class OnnxLMM:
             mask = np.concatenate([mask, np.ones((b, 1), np.int64)], 1)
             pos = pos[:, -1:] + 1
             emb = self.embed(np.where(done, pad, nxt)[:, None])
+
+    def generate(self, prompts: list[list[int]], images: list[list], max_new_tokens: int = 16,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+        """New tokens of each prompt, up to and including the end-of-sequence token."""
+        out: list[list[int]] = [[] for _ in prompts]
+        for nxt, finished in self.steps(prompts, images, max_new_tokens, temperature, top_p, seed):
+            for i in np.flatnonzero(~finished):
+                out[i].append(int(nxt[i]))
         return out
+
+    def stream(self, prompt: list[int], images: list, max_new_tokens: int = 16, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int = 0):
+        """The new tokens of one prompt, yielded one at a time as they are decoded (the end-of-sequence token too)."""
+        for nxt, _ in self.steps([prompt], [images], max_new_tokens, temperature, top_p, seed):
+            yield int(nxt[0])
 
     @staticmethod
     def _pick(logits: np.ndarray, temperature: float, top_p: float, rng) -> np.ndarray:

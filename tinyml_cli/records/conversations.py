@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .. import IMAGE_TOKEN, UserError
 from .encoder import Encoder
-from .sources import _where, parse_all, read_records
+from .sources import check_all, parse_all
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -183,10 +183,12 @@ def parse_record(rec, root: Path, encoder: Encoder | None, for_generation: bool 
     imgs = image_paths(rec, root)
     for img in imgs:
         check_image(img, decode=decode_images)
-    if encoder is None:  # structure only: no tokenizer to encode with
+    if encoder is None:  # structure only: the checks the encoder makes that need no tokenizer
         placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in msgs)
         if placeholders != len(imgs):
             raise ValueError(f"{placeholders} '<image>' placeholder(s) for {len(imgs)} image(s)")
+        if not for_generation and not any(m["role"] == "assistant" for m in msgs):
+            raise ValueError("no assistant turn to learn from")
         return Example([], [], imgs, {})
     ids, labels = encoder.encode(msgs, imgs, for_generation)
     meta = {k: rec[k] for k in ("id", "type", "answer") if k in rec}
@@ -204,20 +206,12 @@ def load_examples(path: str | Path, encoder: Encoder, on_error: str = "fail", fo
 
 
 def validate(path: str | Path, encoder: Encoder | None = None, columns: dict | None = None,
-             parse=None) -> tuple[int, list[str]]:
-    """Every problem of a data set at once (images fully decoded): (records, problems). `parse(record, root,
-    encoder, decode_images)` reads one record (default: `parse_record`; preferences.parse_any takes pairs too)."""
-    from .sources import rename_columns
+             records: list | None = None) -> tuple[int, list[str]]:
+    """Every problem training would find in a conversation data set, at once (images fully decoded):
+    (records, problems)."""
     p = Path(path)
-    problems, n = [], 0
-    for line, rec in read_records(path):
-        n += 1
-        try:
-            (parse or parse_record)(rename_columns(rec, columns), p if p.is_dir() else p.parent, encoder,
-                                    decode_images=True)
-        except ValueError as e:
-            problems.append(f"{_where(p, line)}: {e}")
-    return n, problems
+    root = p if p.is_dir() else p.parent
+    return check_all(path, lambda rec: parse_record(rec, root, encoder, decode_images=True), columns, records=records)
 
 
 def eval_examples(path: str, enc: Encoder, data) -> list[Example]:

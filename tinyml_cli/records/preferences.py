@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import IMAGE_TOKEN
-from .conversations import Example, check_image, content_text, image_paths, parse_record
+from .conversations import Example, check_image, content_text, image_paths
 from .encoder import Encoder
-from .sources import parse_all
+from .sources import check_all, parse_all
 
 
 def preference_record(record: dict) -> dict:
@@ -143,13 +143,6 @@ def parse_pair(rec, root: Path, enc: Encoder | None, decode_images: bool = False
     return Pair(sides[0], sides[1], Example(p_ids, p_labels, imgs), meta)
 
 
-def parse_any(rec, root: Path, enc: Encoder | None, decode_images: bool = False):
-    """A preference record (it has 'chosen' and 'rejected') as a Pair, any other as a conversation Example."""
-    if isinstance(rec, dict) and "chosen" in rec and "rejected" in rec:
-        return parse_pair(preference_record(rec), root, enc, decode_images)
-    return parse_record(rec, root, enc, decode_images=decode_images)
-
-
 def load_pairs(path: str | Path, enc: Encoder, on_error: str = "fail",
                columns: dict | None = None) -> tuple[list[Pair], list[str]]:
     """Encode every preference record of a data source (JSON / JSONL, parquet, `datasets` folder; TRL's standard
@@ -158,3 +151,18 @@ def load_pairs(path: str | Path, enc: Encoder, on_error: str = "fail",
     root = p if p.is_dir() else p.parent
     return parse_all(p, lambda rec: parse_pair(preference_record(rec), root, enc), on_error, columns,
                      "preference record")
+
+
+def is_preference_record(record) -> bool:
+    """A record in one of the preference layouts (it has chosen and rejected), not a conversation."""
+    return isinstance(record, dict) and "chosen" in record and "rejected" in record
+
+
+def validate_pairs(path: str | Path, enc: Encoder | None = None, columns: dict | None = None,
+                   records: list | None = None) -> tuple[int, list[str]]:
+    """Every problem training (reward, dpo, ppo) would find in a preference data set, at once (images fully
+    decoded): (records, problems)."""
+    p = Path(path)
+    root = p if p.is_dir() else p.parent
+    return check_all(p, lambda rec: parse_pair(preference_record(rec), root, enc, decode_images=True), columns,
+                     "preference record", records)

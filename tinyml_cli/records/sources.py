@@ -63,8 +63,8 @@ def table_records(source: str | Path) -> list[tuple[int, dict]]:
             raise UserError(f"{p}: no parquet file and no `datasets` folder (save_to_disk) here")
         ds = datasets.Dataset.from_parquet([str(f) for f in files])
     else:  # a hub id
-        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-            raise UserError(f"data file not found: {src} (HF_HUB_OFFLINE is set, so it is not looked up on the hub)")
+        if _offline():
+            raise UserError(source_problem(src))
         name, _, split = src.partition(":")
         try:
             ds = _split(datasets.load_dataset(name, split=split or "train"), src, split or None)
@@ -85,13 +85,28 @@ def rename_columns(record, columns: dict) -> dict:
     return out
 
 
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+
+
+def source_problem(source: str | Path) -> str | None:
+    """Why a data source cannot be read, found without reading it (None: it can be tried)."""
+    src = str(source)
+    if Path(src).exists():
+        return None
+    if is_hub_id(src):
+        return (f"data file not found: {src} (HF_HUB_OFFLINE is set, so it is not looked up on the hub)"
+                if _offline() else None)
+    return f"data file not found: {src}"
+
+
 def read_records(path: str | Path) -> list[tuple[int, dict | ValueError]]:
     """(line or index, record) pairs from a JSON list or a JSONL file; a broken JSONL line is a ValueError."""
     if is_table(path) or is_hub_id(str(path)):
         return table_records(path)
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"data file not found: {p}")
+        raise UserError(source_problem(p) or f"data file not found: {p}")
     raw = p.read_bytes()
     if p.suffix == ".json" or raw.lstrip()[:1] == b"[":
         try:
@@ -123,6 +138,25 @@ def _where(p: Path, line: int) -> str:
     return f"{p} record {line}" if p.suffix == ".json" else f"{p} row {line}"
 
 
+def check_all(path: str | Path, parse, columns: dict | None = None, what: str = "record",
+              records: list | None = None) -> tuple[int, list[str]]:
+    """Every problem `parse(record)` finds in a data source at once, where training (`parse_all`) stops at the
+    first: (records, problems), an empty data set or one with no usable record being a problem too."""
+    p = Path(path)
+    records = read_records(path) if records is None else records
+    problems = []
+    for line, rec in records:
+        try:
+            if isinstance(rec, ValueError):
+                raise rec
+            parse(rename_columns(rec, columns))
+        except ValueError as e:
+            problems.append(f"{_where(p, line)}: {e}")
+    if len(problems) == len(records):  # what parse_all says of it
+        problems.append(f"{p}: no usable {what}" + (" (the data set is empty)" if not records else ""))
+    return len(records), problems
+
+
 def parse_all(path: str | Path, parse, on_error: str = "fail", columns: dict | None = None,
               what: str = "record") -> tuple[list, list[str]]:
     """`parse(record) -> item` over every record of a data source (columns renamed by `data.columns`); a
@@ -130,7 +164,8 @@ def parse_all(path: str | Path, parse, on_error: str = "fail", columns: dict | N
     Each item's `meta["where"]` names its record."""
     p = Path(path)
     items, skipped = [], []
-    for line, rec in read_records(path):
+    records = read_records(path)
+    for line, rec in records:
         try:
             if isinstance(rec, ValueError):
                 raise rec
@@ -143,5 +178,5 @@ def parse_all(path: str | Path, parse, on_error: str = "fail", columns: dict | N
         item.meta["where"] = _where(p, line)
         items.append(item)
     if not items:
-        raise UserError(f"{p}: no usable {what}")
+        raise UserError(f"{p}: no usable {what}" + (" (the data set is empty)" if not records else ""))
     return items, skipped

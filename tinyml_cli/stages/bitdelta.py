@@ -39,7 +39,7 @@ def compress_config(config, sets, finetuned: str | Path):
 
 
 def run_compress(cfg, base_dir: str | Path, finetuned_dir: str | Path, out_dir: str | Path, resume: bool = False,
-                 progress=None, eval_finetuned: bool = True) -> dict:
+                 progress=None, eval_finetuned: bool = True, status=None) -> dict:
     """Compress FINETUNED against BASE, distil the scales, measure, save the delta folder; the JSON summary."""
     from ..core.bitdelta import (
         Distillation,
@@ -57,20 +57,24 @@ def run_compress(cfg, base_dir: str | Path, finetuned_dir: str | Path, out_dir: 
     from ..records.encoder import encoder_for
 
     t0 = time.time()
+    status = status or (lambda text: None)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if not cfg.data.train:
         raise UserError("no calibration data: set data.train (a LLaVA-format JSON / JSONL file)")
+    status(f"loading {base_dir} and {finetuned_dir}")
     dtype = resolve_dtype(cfg.model.dtype)
     base, teacher = load_full_precision(base_dir, dtype), load_full_precision(finetuned_dir, dtype)
     if base.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
         raise UserError("BASE and FINETUNED have different tokenizers")
+    status("signs and scales of FINETUNED - BASE")
     delta = compress(base, teacher)
     if not delta.signs:
         raise UserError("FINETUNED has no linear weight that differs from BASE: nothing to compress")
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails before this leaves no folder
     save_config(cfg, out, {"command": "bitdelta compress", "base": str(base_dir), "finetuned": str(finetuned_dir)})
 
     enc = encoder_for(base, cfg.data)
+    status(f"reading and encoding {cfg.data.train}")
     calib, _ = load_examples(cfg.data.train, enc, cfg.data.on_error)
     held_out = load_examples(cfg.data.eval, enc, cfg.data.on_error)[0][:KL_EXAMPLES] if cfg.data.eval else []
     collate = base.collator()
@@ -82,10 +86,12 @@ def run_compress(cfg, base_dir: str | Path, finetuned_dir: str | Path, out_dir: 
     metrics = {}
     with delta_attached(base, delta) as wrappers:  # `base` now computes base + scale·sign(Δ)
         if held_out:
+            status(f"held-out fit before distillation ({len(held_out)} conversations)")
             metrics.update({f"{k}_initial": v for k, v in fit_to_teacher(base, teacher, held_out, collate).items()})
             metrics["vqa_accuracy_initial"] = evaluate_model(base, cfg.data.eval, cfg)[0]["vqa_accuracy"]
+        status(f"{len(calib):,} calibration conversations; first step")
         stats = train(Distillation(base, teacher, cfg.bitdelta.loss), ExampleBatches(calib, collate), distill_step,
-                      cfg.train, out,                      resume=resume, progress=progress)
+                      cfg.train, out, resume=resume, progress=progress)
         delta.scales = {name: w.scale.detach().cpu() for name, w in wrappers.items()}
         if held_out:
             metrics.update({f"{k}_distilled": v for k, v in fit_to_teacher(base, teacher, held_out, collate).items()})

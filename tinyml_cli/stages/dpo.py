@@ -61,38 +61,45 @@ def preference_accuracy(logps: torch.Tensor) -> float:
     return (logps[:, 0] > logps[:, 1]).float().mean().item()
 
 
-def run_dpo(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress=None) -> dict:
+def run_dpo(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress=None, status=None) -> dict:
     """Setup -> reference log-probs -> train -> held-out preference metrics -> save."""
     from ..core.batching import collator_for
     from ..core.logprobs import TokenLogps, policy_logps
     from ..core.loop import ExampleBatches, process_state, train
     from ..core.model import count_params
-    from ..core.trainable import setup_model
+    from ..core.trainable import model_source, setup_model
     from ..records.encoder import encoder_for
     from ..records.preferences import load_pairs
 
     t0 = time.time()
+    status = status or (lambda text: None)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if not cfg.data.train:
         raise UserError("data.train is not set (a preference JSONL: image, prompt, chosen, rejected)")
+    status(f"loading the model ({model_source(cfg)})")
     model = setup_model(cfg, dropout="off")
     enc = encoder_for(model, cfg.data)
+    status(f"reading and encoding {cfg.data.train}")
     pairs, skipped = load_pairs(cfg.data.train, enc, cfg.data.on_error, cfg.data.columns)
     held_out = load_pairs(cfg.data.eval, enc, cfg.data.on_error, cfg.data.columns)[0] if cfg.data.eval else []
     collate = collator_for(model)
     bs = cfg.train.batch_size
     # The starting weights are the reference: held-out log-probs now are the reference's (and the sft model's).
+    if held_out:
+        status(f"reference log-probs of {len(held_out):,} held-out pairs")
     ref_eval = policy_logps(model, held_out, collate, bs) if held_out else None
     ref = None
     if cfg.pref.precompute_ref:
+        status(f"reference log-probs of {len(pairs):,} training pairs")
         for p, lp in zip(pairs, policy_logps(model, pairs, collate, bs).tolist()):
             p.meta["ref"] = lp
     else:
         ref = reference_fn(model, cfg)
     main_process = process_state().is_main_process  # with several processes, one writes the outputs
     if main_process:
+        out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails before this leaves no folder
         save_config(cfg, out, {"command": "dpo"})
+    status(f"{len(pairs):,} pairs; first step")
     trainable, total = count_params(model)
     stats = train(TokenLogps(model), ExampleBatches(pairs, collate), dpo_step(cfg.pref, ref), cfg.train, out,
                   resume=resume, progress=progress)

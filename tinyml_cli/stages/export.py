@@ -3,29 +3,42 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+FORMATS, DTYPES = ("onnx", "hf-llava"), ("fp32", "fp16")
 
-def run_export(model_dir: str | Path, out: str | Path, fmt: str = "onnx", dtype: str = "fp32") -> dict:
-    """`tinyml export`: the JSON summary of an ONNX or hf-llava export."""
+
+def run_export(model_dir: str | Path, out: str | Path, fmt: str = "onnx", dtype: str = "fp32", overwrite: bool = False,
+               before_work=None) -> dict:
+    """`tinyml export`: the JSON summary of an ONNX or hf-llava export. Everything that can be wrong with the
+    arguments is checked before `before_work()` and the export run, and a folder holding files needs `overwrite`."""
     import time
 
     from .. import UserError
-    from ..core.export import export_hf_llava, export_onnx
-    from ..core.model import is_model_dir
+    from .checks import check_model_dir
+    from .outputs import prepare_output, removed_if_left_empty
     t0 = time.time()
-    if not is_model_dir(model_dir):
-        raise UserError(f"not a tinyml model folder (no tinyml_model.json): {model_dir}")
-    if fmt == "onnx":
-        sizes = export_onnx(model_dir, out, dtype)
-        metrics = {"bytes": sizes, "dtype": dtype}
-        artifacts = {k: str(Path(out) / f"{k}.onnx") for k in sizes if k != "total"}
-    elif fmt == "hf-llava":
-        if dtype != "fp32":
-            raise UserError("--format hf-llava saves fp32 weights (pass dtype= to from_pretrained to cast)")
-        metrics = export_hf_llava(model_dir, out)
-        artifacts = {"model": str(out)}
-    else:
+    check_model_dir(model_dir)
+    if fmt not in FORMATS:
         raise UserError(f"--format must be onnx or hf-llava, got '{fmt}'")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be fp32 or fp16, got '{dtype}'")
+    if fmt == "hf-llava" and dtype != "fp32":
+        raise UserError("--format hf-llava saves fp32 weights (pass dtype= to from_pretrained to cast)")
+    prepare_output(out, overwrite=overwrite, marker="", holds="files", inputs=[model_dir])
+    if before_work:
+        before_work()
+    from ..core.export import export_hf_llava, export_onnx
+    with removed_if_left_empty(out):
+        if fmt == "onnx":
+            sizes = export_onnx(model_dir, out, dtype)
+            metrics = {"bytes": sizes, "dtype": dtype}
+            artifacts = {k: str(Path(out) / f"{k}.onnx") for k in sizes if k != "total"}
+            if (Path(model_dir) / "config.yaml").is_file():  # eval / chat / serve of the export take the run's settings
+                shutil.copy(Path(model_dir) / "config.yaml", Path(out) / "config.yaml")
+        else:
+            metrics = export_hf_llava(model_dir, out)
+            artifacts = {"model": str(out)}
     metrics["seconds"] = time.time() - t0
     return {"command": "export", "output_dir": str(out), "metrics": metrics, "artifacts": artifacts, "format": fmt}

@@ -133,7 +133,6 @@ def run_halva(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progres
 
     t0 = time.time()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if not cfg.data.train:
         raise UserError("data.train is not set (preference pairs whose answers differ in the hallucinated phrase)")
     model = setup_model(cfg, dropout="off")  # preference training: no dropout unless train.dropout=on
@@ -144,6 +143,7 @@ def run_halva(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progres
     before = phrase_margins(model, held_out, collate, cfg.train.batch_size) if held_out else None
     main_process = process_state().is_main_process
     if main_process:
+        out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails before this leaves no folder
         save_config(cfg, out, {"command": "halva"})
     trainable, total = count_params(model)
     step = halva_step(cfg.pref, reference_logits(model))

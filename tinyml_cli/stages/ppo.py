@@ -164,36 +164,42 @@ def ppo_step(pc):
     return step
 
 
-def run_ppo(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress=None) -> dict:
+def run_ppo(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress=None, status=None) -> dict:
     """Setup -> the loop over rollouts (generate, score, GAE, PPO epochs) -> save."""
     from safetensors.torch import save_file
 
     from ..core.loop import process_state, train
     from ..core.model import count_params
     from ..core.reward_model import ActorCritic, ScalarHead
-    from ..core.trainable import setup_model
+    from ..core.trainable import model_source, setup_model
     from ..records.encoder import encoder_for
     from ..records.preferences import load_pairs
 
     t0 = time.time()
     pc = cfg.ppo
+    status = status or (lambda text: None)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if not cfg.data.train:
         raise UserError("data.train is not set (preference records; their prompts are the rollout prompts)")
+    status(f"loading the model ({model_source(cfg)})")
     model = setup_model(cfg, dropout="off")
     critic = ScalarHead(model, init_std=0.0)  # values start at 0
     critic.head.requires_grad_(True)
+    status(f"reading and encoding {cfg.data.train}")
     pairs, _ = load_pairs(cfg.data.train, encoder_for(model, cfg.data), cfg.data.on_error, cfg.data.columns)
     collate, gen_collate = model.collator(), model.collator(left_pad=True)
     if model.peft_parts():
         ref, ref_ctx = model, model.adapters_disabled
     else:
         ref, ref_ctx = copy.deepcopy(model).requires_grad_(False).eval(), contextlib.nullcontext
+    if pc.reward != "exact_match":
+        status(f"loading the reward model ({pc.reward})")
     rollouts = Rollouts(pairs, cfg, critic, ref, ref_ctx, collate, gen_collate)
     main_process = process_state().is_main_process  # with several processes, one writes the outputs
     if main_process:
+        out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails before this leaves no folder
         save_config(cfg, out, {"command": "ppo"})
+    status(f"{len(pairs):,} prompts; first rollout (sampling {rollouts.size} responses, scoring them)")
     trainable, total = count_params(critic)
     stats = train(ActorCritic(critic, pc.temperature), rollouts, ppo_step(pc), cfg.train, out, resume=resume,
                   progress=progress)

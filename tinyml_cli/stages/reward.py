@@ -48,31 +48,35 @@ def pairwise_metrics(scores: torch.Tensor) -> dict:
             "margin": (scores[:, 0] - scores[:, 1]).mean().item(), "pairs": len(scores)}
 
 
-def run_reward(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress=None) -> dict:
+def run_reward(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress=None, status=None) -> dict:
     """Setup -> train (Bradley-Terry) -> held-out pairwise accuracy -> save."""
     from ..core.batching import collator_for
     from ..core.loop import ExampleBatches, process_state, train
     from ..core.model import count_params
     from ..core.reward_model import ScalarHead, save_reward_model
-    from ..core.trainable import setup_model
+    from ..core.trainable import model_source, setup_model
     from ..records.encoder import encoder_for
     from ..records.preferences import load_pairs
 
     t0 = time.time()
+    status = status or (lambda text: None)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if not cfg.data.train:
         raise UserError("data.train is not set (a preference JSONL: image, prompt, chosen, rejected)")
+    status(f"loading the model ({model_source(cfg)})")
     lmm = setup_model(cfg, dropout="off")
     enc = encoder_for(lmm, cfg.data)
     rm = ScalarHead(lmm)  # a fresh head, trained with the parts of the recipe
     rm.head.requires_grad_(True)
+    status(f"reading and encoding {cfg.data.train}")
     pairs, skipped = load_pairs(cfg.data.train, enc, cfg.data.on_error, cfg.data.columns)
     held_out = load_pairs(cfg.data.eval, enc, cfg.data.on_error, cfg.data.columns)[0] if cfg.data.eval else []
     collate = collator_for(lmm)
     main_process = process_state().is_main_process  # with several processes, one writes the outputs
     if main_process:
+        out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails before this leaves no folder
         save_config(cfg, out, {"command": "reward"})
+    status(f"{len(pairs):,} pairs encoded; first step (decoding its images)")
     trainable, total = count_params(rm)
     stats = train(rm, ExampleBatches(pairs, collate), reward_step(cfg.pref.margin), cfg.train, out, resume=resume,
                   progress=progress)
