@@ -522,7 +522,7 @@ def quantize(source: Path = typer.Argument(..., metavar="SOURCE", help="An ONNX 
 @app.command()
 def estimate(config: Config = None, set_: PlanSets = None, json_mode: Json = False,
              device: str = typer.Option("auto", "--device", help="cuda (a bf16 GPU) | cpu | auto (this machine's): what the estimate is for and where --measure runs."),
-             gpu: float = typer.Option(24, "--gpu", help="Card size in GiB the advice aims at."),
+             gpu: float = typer.Option(24, "--gpu", help="A card size in GiB the advice plans for too (besides 8, 12, 16, 24; --infer: the one it aims at)."),
              image_size: int = typer.Option(0, "--image-size", help="Image resolution (0: the vision config's)."),
              infer: bool = typer.Option(False, "--infer", help="Estimate inference with a KV cache instead of training."),
              context: int = typer.Option(2048, "--context", help="--infer: tokens per sequence in the KV cache."),
