@@ -10,7 +10,7 @@ def run_validate(file: str | Path, cfg) -> dict:
     model.init_from) set, token lengths and truncation too. The result lists the problems."""
     from ..core.model import recipe_encoder
     from ..records.conversations import validate
-    enc = recipe_encoder(cfg) if cfg.model.init_from or cfg.model.llm else None
+    enc = recipe_encoder(cfg) if cfg.model.init_from or cfg.model.llm or cfg.model.vlm else None
     n, problems = validate(file, enc, cfg.data.columns)
     return {"command": "data validate", "output_dir": None, "artifacts": {}, "problems": problems,
             "metrics": {"records": n, "problems": len(problems), "tokens_checked": enc is not None}}
