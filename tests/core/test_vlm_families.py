@@ -89,12 +89,12 @@ def test_a_config_only_folder_estimates_the_exact_count(family, vlm, vlm_dir, tm
         assert m["image_tokens"] > 0 and m["total_bytes"] > 0
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "smolvlm"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "smolvlm", "lfm2_vl", "internvl"])
 def test_image_token_counts_follow_the_image_and_several_images_fit_one_record(family, vlm, tmp_path):
     model, cfg = vlm(family)
     small, wide = tmp_path / "small.png", tmp_path / "wide.png"
     Image.new("RGB", (32, 32), (255, 0, 0)).save(small)
-    Image.new("RGB", (64, 32), (0, 0, 255)).save(wide)
+    Image.new("RGB", (96, 40), (0, 0, 255)).save(wide)
     rec = {"images": ["small.png", "wide.png"], "conversations": [
         {"from": "human", "value": "<image>\n<image>\nWhich is wider?"}, {"from": "gpt", "value": "the second"}]}
     (tmp_path / "two.jsonl").write_text(json.dumps(rec) + "\n")
