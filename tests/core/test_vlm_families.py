@@ -89,12 +89,12 @@ def test_a_config_only_folder_estimates_the_exact_count(family, vlm, vlm_dir, tm
         assert m["image_tokens"] > 0 and m["total_bytes"] > 0
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "smolvlm"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "smolvlm", "lfm2_vl", "internvl"])
 def test_image_token_counts_follow_the_image_and_several_images_fit_one_record(family, vlm, tmp_path):
     model, cfg = vlm(family)
     small, wide = tmp_path / "small.png", tmp_path / "wide.png"
     Image.new("RGB", (32, 32), (255, 0, 0)).save(small)
-    Image.new("RGB", (64, 32), (0, 0, 255)).save(wide)
+    Image.new("RGB", (96, 40), (0, 0, 255)).save(wide)
     rec = {"images": ["small.png", "wide.png"], "conversations": [
         {"from": "human", "value": "<image>\n<image>\nWhich is wider?"}, {"from": "gpt", "value": "the second"}]}
     (tmp_path / "two.jsonl").write_text(json.dumps(rec) + "\n")
@@ -172,3 +172,63 @@ def test_published_configs_estimate_with_exact_counts(name, params, image_tokens
     # the LLM's bf16 weights and its LoRA adapters (fp32)
     assert m["breakdown"]["weights_llm"] == 2 * m["params"]["llm"] + 4 * m["params"]["adapters"]
     assert m["total_bytes"] > m["breakdown"]["weights_llm"]
+
+
+@pytest.mark.slow
+def test_every_command_runs_on_a_vlm(vlm_dir, shapes, prefs, tmp_path):
+    """One dynamic-resolution family through the commands the per-family flow does not run: freeze by part, DoRA,
+    QLoRA (LLM-only 4-bit) and its merge over the dequantized base, exact resume, reward, ppo, bitdelta, eval."""
+    from tinyml_cli.core.model import load_model
+    from tinyml_cli.stages.bitdelta import compress_config, run_compress
+    from tinyml_cli.stages.eval import run_eval
+    from tinyml_cli.stages.merge import merge_run
+    from tinyml_cli.stages.ppo import run_ppo
+    from tinyml_cli.stages.reward import run_reward
+    from tinyml_cli.stages.sft import run_sft
+    src = vlm_dir("qwen2_5_vl")
+    base = [f"model.vlm={src}", f"data.train={shapes / 'train.jsonl'}", "train.batch_size=2", "train.max_steps=2"]
+
+    r = run_sft(load_config(None, [*base, "peft.method=freeze", "train.parts=[connector]"]), tmp_path / "fr", "sft")
+    m = load_model(tmp_path / "fr")
+    assert r["trainable_params"] == num_parameters(m)["connector"]
+    run_sft(load_config(None, [*base, "peft.method=dora", "peft.parts=[llm,vision]"]), tmp_path / "dora", "sft")
+    adapter = json.loads((tmp_path / "dora" / "vlm_adapter" / "adapter_config.json").read_text())
+    dora = load_model(tmp_path / "dora")
+    assert adapter["use_dora"] and dora.peft_parts() == ["llm", "vision"]
+    adapted = {n.split(".lora_")[0] for n, _ in dora.hf.named_parameters() if ".lora_" in n}
+    assert any(n.startswith("model.visual.blocks") for n in adapted)
+    assert any(n.startswith("model.language_model") for n in adapted)
+    assert not any("merger" in n or "lm_head" in n for n in adapted)  # not the connector, not the output head
+
+    r = run_sft(load_config(None, [*base, "peft.method=qlora"]), tmp_path / "ql", "sft")
+    assert getattr(load_model(tmp_path / "ql").base_llm(), "is_loaded_in_4bit", False)
+    merged = merge_run(tmp_path / "ql", tmp_path / "ql-merged")
+    assert merged["metrics"]["dequantized_4bit_base"]
+    assert not getattr(load_model(tmp_path / "ql-merged").base_llm(), "is_loaded_in_4bit", False)
+
+    # resume: a run stopped after its step-2 checkpoint ends where an uninterrupted one does
+    full = [*base, "peft.method=full", "train.max_steps=4", "train.save_every=2"]
+    whole = run_sft(load_config(None, full), tmp_path / "whole", "sft")["metrics"]["loss_last"]
+    run_sft(load_config(None, [*full[:-2], "train.max_steps=2"]), tmp_path / "cut", "sft")
+    import shutil
+    ckpt = tmp_path / "cut" / "checkpoints"
+    ckpt.mkdir(exist_ok=True)
+    shutil.copytree(tmp_path / "whole" / "checkpoints" / "step-00000002", ckpt / "step-00000002")
+    resumed = run_sft(load_config(None, full), tmp_path / "cut", "sft", resume=True)["metrics"]
+    assert resumed["resumed_from"] == 2 and resumed["loss_last"] == pytest.approx(whole, abs=1e-5)
+
+    pref = [f"model.vlm={src}", f"data.train={prefs / 'pref_train.jsonl'}", "peft.method=lora", "train.batch_size=2"]
+    rw = run_reward(load_config(None, [*pref, "train.max_steps=2", f"data.eval={prefs / 'pref_eval.jsonl'}"]),
+                    tmp_path / "rw")["metrics"]
+    assert 0 <= rw["eval_accuracy"] <= 1
+    pp = run_ppo(load_config(None, [*pref, "ppo.rollouts=2", "ppo.rollout_size=4", "ppo.minibatch=2", "ppo.epochs=1"]),
+                 tmp_path / "ppo")["metrics"]
+    assert pp["rollouts"] == 2 and pp["steps"] == 4
+
+    bd = run_compress(compress_config(None, [f"data.train={shapes / 'train.jsonl'}", f"data.eval={shapes / 'eval.jsonl'}",
+                                             "train.max_steps=2"], tmp_path / "whole"),
+                      tmp_path / "fr", tmp_path / "whole", tmp_path / "delta")["metrics"]
+    assert bd["ratio"] > 10
+    ev = run_eval(str(tmp_path / "whole"), load_config(None, [f"data.eval={shapes / 'eval.jsonl'}",
+                                                              "gen.max_new_tokens=3"]), None)["metrics"]
+    assert ev["n"] == 30 and 0 <= ev["vqa_accuracy"] <= 1

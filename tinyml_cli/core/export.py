@@ -133,13 +133,12 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32") -> 
     """Write vision.onnx, embed.onnx, decoder.onnx and what the runner needs; returns the file sizes."""
     if dtype not in ("fp32", "fp16"):
         raise UserError(f"--dtype must be fp32 or fp16, got '{dtype}'")
-    connector = json.loads((Path(model_dir) / "tinyml_model.json").read_text()).get("connector")
-    if connector == "xattn":
+    tdtype = torch.float32 if dtype == "fp32" else torch.float16
+    model = load_merged(model_dir, dtype=tdtype)
+    if model.spec.get("connector") == "xattn":
         raise UserError("--format onnx: the xattn connector runs cross-attention inside the decoder, which the ONNX "
                         "layout (image tokens in the sequence) cannot express; linear, mlp2x_gelu, resampler, qformer "
                         "and c-abstractor export")
-    tdtype = torch.float32 if dtype == "fp32" else torch.float16
-    model = load_merged(model_dir, dtype=tdtype)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _patch_convs_as_matmuls(model.vision)

@@ -461,7 +461,8 @@ def lora_targets(model: HFVLM, part: str, targets) -> list[str]:
     linear = [n for n in linear_names(view) if view.get_submodule(n) is not head]
     if targets != "all-linear":
         wanted = {targets} if isinstance(targets, str) else set(targets)
-        linear = [n for n in linear if n.rsplit(".", 1)[-1] in wanted]
+        # the recipe's names (a layer's own name), or the part's layers as trainable.peft_config lists them
+        linear = [n for n in linear if n in wanted or n.rsplit(".", 1)[-1] in wanted]
     if not linear:
         raise UserError(f"peft.target_modules={targets} matches no linear layer of the {part} "
                         f"({model.family})")

@@ -14,7 +14,7 @@ def run_validate(file: str | Path, cfg) -> dict:
     from ..records.preferences import is_preference_record, validate_pairs
     from ..records.sources import read_records, rename_columns
     enc = None
-    if cfg.model.init_from or cfg.model.llm:
+    if cfg.model.init_from or cfg.model.llm or cfg.model.vlm:
         from ..core.model import recipe_encoder
         enc = recipe_encoder(cfg)
     records = read_records(file)
