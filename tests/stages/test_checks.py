@@ -100,6 +100,7 @@ class Boom(Exception):
 @pytest.mark.parametrize("made, files, kept", [
     (True, [], False),                        # made by the command, nothing written: removed
     (True, ["config.yaml"], False),           # a run that failed before its first step: removed
+    (True, ["config.yaml", "metrics.jsonl:"], False),  # ... with the metrics file opened but nothing logged
     (True, ["config.yaml", "metrics.jsonl"], True),  # it trained: its metrics stay (and --resume needs the folder)
     (True, ["checkpoints/step-00000002/meta.json"], True),
     (False, [], True),                        # a folder that was there before is never removed
@@ -111,9 +112,10 @@ def test_a_failed_command_leaves_no_empty_folder(tmp_path, made, files, kept):
     with pytest.raises(Boom), removed_if_left_empty(out):
         out.mkdir(exist_ok=True)
         (out / "checkpoints").mkdir()
-        for f in files:
-            (out / f).parent.mkdir(parents=True, exist_ok=True)
-            (out / f).write_text(json.dumps({}))
+        for f in files:  # NAME: an empty file
+            name = f.rstrip(":")
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_text("" if f.endswith(":") else json.dumps({}))
         raise Boom()
     assert out.exists() == kept
 

@@ -34,13 +34,15 @@ def prepare_output(out: str | Path, resume: bool = False, overwrite: bool = Fals
 
 @contextlib.contextmanager
 def removed_if_left_empty(out: str | Path):
-    """On failure, remove the output folder again if this command made it and it holds no file, or only the
-    config.yaml of a run that failed before its first step (no metrics, checkpoint or model to keep)."""
+    """On failure, remove the output folder again if this command made it and it holds nothing worth keeping: no
+    file, or only the config.yaml (and empty files, such as a metrics.jsonl opened for the first step) of a run
+    that failed before its first step logged anything."""
     out = Path(out)
     existed = out.exists()
     try:
         yield out
     except BaseException:
-        if not existed and out.is_dir() and {p.name for p in out.rglob("*") if p.is_file()} <= {"config.yaml"}:
+        if not existed and out.is_dir() and all(p.name == "config.yaml" or p.stat().st_size == 0
+                                                for p in out.rglob("*") if p.is_file()):
             shutil.rmtree(out, ignore_errors=True)
         raise
