@@ -200,7 +200,7 @@ def test_adapters_save_beside_a_plain_llm(trained, shapes):
     cfg, out, _ = trained("adapter")
     assert (out / "adapters.safetensors").is_file()
     spec = json.loads((out / "tinyml_model.json").read_text())
-    assert spec["bottleneck_adapters"] == {"size": 8, "parts": ["llm"]}
+    assert spec["bottleneck_adapters"] == {"size": 8, "parts": ["llm"], "kind": "bottleneck"}
     # the saved LLM is the plain base: it loads in transformers without the adapters, which do matter
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(out / "llm")

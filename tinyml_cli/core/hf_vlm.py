@@ -301,6 +301,17 @@ class ProcessorImageTokens:
 
 
 # --------------------------------------------------------------------------------------------- the model
+class _SoftCapped(nn.Module):
+    """A vocabulary projection whose logits are soft-capped: cap * tanh(logits / cap)."""
+
+    def __init__(self, linear: nn.Module, cap: float):
+        super().__init__()
+        self.linear, self.cap = linear, cap
+
+    def forward(self, hidden):
+        return torch.tanh(self.linear(hidden) / self.cap) * self.cap
+
+
 class HFVLM(nn.Module):
     """A HF image-text-to-text model behind the composed LMM's interface (see the module docstring)."""
 
@@ -412,10 +423,16 @@ class HFVLM(nn.Module):
         return self.hf.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                              **extra).last_hidden_state
 
-    def logits_at(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.hf.get_output_embeddings()(hidden)
+    @property
+    def head(self) -> nn.Module:
+        """The projection onto the vocabulary (soft-capped where the family caps its logits, as Gemma does): what
+        the chunked losses project each chunk of rows with."""
+        linear = self.hf.get_output_embeddings()
         cap = getattr(getattr(self.hf.config, "text_config", self.hf.config), "final_logit_softcapping", None)
-        return torch.tanh(logits / cap) * cap if cap else logits
+        return _SoftCapped(linear, cap) if cap else linear
+
+    def logits_at(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden)
 
     def forward(self, input_ids, attention_mask, pixel_values=None, labels=None):
         from .hfutil import labelled_loss
