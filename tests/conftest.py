@@ -1,8 +1,11 @@
 """Shared fixtures: the tiny default (briefly pretrained) and a small shapes data set, built once per session."""
 
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# encoded data sets (records.encoded) go to a fresh cache folder per session, not the user's
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="tinyml-tests-cache-")
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

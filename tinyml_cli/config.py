@@ -62,6 +62,11 @@ class DataConfig:
     on_error: Literal["fail", "skip"] = _f("fail", "what a bad record does: fail names it, skip lists it in skipped.txt")
     columns: dict = _f({}, "data set columns by tinyml field, e.g. {image: img, messages: dialog} (fields: image, "
                            "images, conversations, messages, prompt, chosen, rejected, id, type, answer)")
+    cache_dir: str = _f("", "where encoded JSON / JSONL data sets are cached, one folder per data file, tokenizer, chat "
+                            "template and encoding settings ('': ~/.cache/tinyml/encoded, or under $XDG_CACHE_HOME)")
+    num_proc: int = _f(0, "processes that encode a data file into the cache (0: one per CPU up to 8; 1 for a small file)")
+    num_workers: int = _f(0, "DataLoader worker processes that open and pre-process each batch's images ahead of the "
+                             "training step (0: in the training process); memory is pinned on CUDA")
 
 
 @dataclass
@@ -290,6 +295,7 @@ def check(cfg: RunConfig) -> RunConfig:
         raise UserError("peft.parts is empty: name where the method applies (llm, vision, connector)")
     bounds = [("train.batch_size", t.batch_size >= 1, "at least 1"), ("train.grad_accum", t.grad_accum >= 1, "at least 1"),
               ("train.max_steps", t.max_steps >= 0, "0 or more"), ("data.max_length", cfg.data.max_length >= 1, "at least 1"),
+              ("data.num_proc", cfg.data.num_proc >= 0, "0 or more"), ("data.num_workers", cfg.data.num_workers >= 0, "0 or more"),
               ("peft.virtual_tokens", p.virtual_tokens >= 1, "at least 1"),
               ("peft.adapter_layers", p.adapter_layers >= 1, "at least 1"), ("peft.adapter_size", p.adapter_size >= 1, "at least 1"),
               ("pref.beta", pref.beta > 0, "> 0"), ("pref.label_smoothing", 0 <= pref.label_smoothing < 0.5, "in [0, 0.5)"),

@@ -159,3 +159,34 @@ class ProcessorCollator(Collator):
         inputs = VisionInputs({k: v for k, v in out.items() if k in self.forward_inputs and torch.is_tensor(v)})
         inputs.update(token_types(self.family, self.processor, ids, labels))
         return inputs
+
+
+# ------------------------------------------------------------------ training records
+def train_examples(data, encoder, status=None) -> tuple:
+    """A recipe's training conversations, encoded: (examples, skipped records' problems). A JSON / JSONL file
+    goes through the on-disk cache (`records.encoded`): in a multi-process run rank 0 encodes and the others then
+    read its entry (or, if it failed, meet the same error themselves); other sources are encoded in memory."""
+    from ..records.conversations import load_examples
+    from ..records.encoded import cacheable, default_cache_dir, encode_cached
+    status = status or (lambda text: None)
+    if not cacheable(data.train):
+        status(f"reading and encoding {data.train}")
+        examples, skipped = load_examples(data.train, encoder, data.on_error, columns=data.columns)
+        status(f"{len(examples):,} records encoded{f', {len(skipped)} skipped' if skipped else ''}")
+        return examples, skipped
+    from .loop import process_state
+    state = process_state()
+    others_wait = state.num_processes > 1
+    if others_wait and not state.is_main_process:
+        state.wait_for_everyone()
+    try:
+        status(f"reading {data.train}")
+        examples, skipped, hit = encode_cached(
+            data.train, encoder, data.cache_dir or default_cache_dir(), data.on_error, data.num_proc, data.columns,
+            progress=lambda done, n: status(f"encoding {data.train}: {done}/{n} blocks"))
+    finally:
+        if others_wait and state.is_main_process:
+            state.wait_for_everyone()
+    status(f"{len(examples):,} records {'from the cache' if hit else 'encoded'} ({examples.folder})"
+           f"{f', {len(skipped)} skipped' if skipped else ''}")
+    return examples, skipped

@@ -174,15 +174,31 @@ def open_rgb(p: Path):
         return im.convert("RGB")
 
 
+def image_exists(p, seen: dict) -> None:
+    """The lazy check of an image path (a stat, once per path in `seen`): raise ValueError if it is missing.
+    Its header and pixels are read when its batch is made; `data validate` reads them all up front."""
+    if isinstance(p, ImageBytes):
+        return
+    if p not in seen:
+        seen[p] = p.is_file()
+    if not seen[p]:
+        raise ValueError(f"image not found: {p}")
+
+
 def parse_record(rec, root: Path, encoder: Encoder | None, for_generation: bool = False,
-                 decode_images: bool = False) -> Example:
-    """One record as an Example; raises ValueError naming what is wrong with it."""
+                 decode_images: bool = False, lazy: dict | None = None) -> Example:
+    """One record as an Example; raises ValueError naming what is wrong with it. With `lazy` (a dict of the
+    paths seen so far) images are checked to exist without being opened, unless the encoder must read their
+    size (a processor-based model's image tokens)."""
     if isinstance(rec, ValueError):
         raise rec
     msgs = messages_of(rec)
     imgs = image_paths(rec, root)
     for img in imgs:
-        check_image(img, decode=decode_images)
+        if lazy is not None and (encoder is None or encoder.images is None):
+            image_exists(img, lazy)
+        else:
+            check_image(img, decode=decode_images)
     if encoder is None:  # structure only: the checks the encoder makes that need no tokenizer
         placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in msgs)
         if placeholders != len(imgs):

@@ -119,20 +119,33 @@ def read_records(path: str | Path) -> list[tuple[int, dict | ValueError]]:
         if not isinstance(data, list):
             raise UserError(f"{p}: a JSON data file must hold a list of records")
         return list(enumerate(data, 1))
-    out = []
-    for i, line in enumerate(raw.split(b"\n"), 1):
+    return list(jsonl_records(raw))
+
+
+def is_json_list(path: str | Path) -> bool:
+    """A .json file, or any file whose text opens with `[`: one JSON list (else a file is JSONL)."""
+    p = Path(path)
+    if p.suffix == ".json":
+        return True
+    with open(p, "rb") as f:
+        return f.read(4096).lstrip()[:1] == b"["
+
+
+def jsonl_records(raw: bytes, first_line: int = 1):
+    """(line, record) pairs of JSONL text whose first line is `first_line`; a broken line is a ValueError."""
+    for i, line in enumerate(raw.split(b"\n"), first_line):
         if not line.strip():
             continue
         try:
-            out.append((i, json.loads(line.decode("utf-8"))))
+            yield i, json.loads(line.decode("utf-8"))
         except UnicodeDecodeError:
-            out.append((i, ValueError("not UTF-8 text")))
+            yield i, ValueError("not UTF-8 text")
         except json.JSONDecodeError as e:
-            out.append((i, ValueError(f"malformed JSON: {e.msg}")))
-    return out
+            yield i, ValueError(f"malformed JSON: {e.msg}")
 
 
-def _where(p: Path, line: int) -> str:
+def where(p: Path, line: int) -> str:
+    """How messages name record `line` of a data source: file:line for JSONL, else record / row N."""
     if p.suffix == ".jsonl" or (p.is_file() and p.suffix not in (".json", ".parquet")):
         return f"{p}:{line}"
     return f"{p} record {line}" if p.suffix == ".json" else f"{p} row {line}"
@@ -151,7 +164,7 @@ def check_all(path: str | Path, parse, columns: dict | None = None, what: str = 
                 raise rec
             parse(rename_columns(rec, columns))
         except ValueError as e:
-            problems.append(f"{_where(p, line)}: {e}")
+            problems.append(f"{where(p, line)}: {e}")
     if len(problems) == len(records):  # what parse_all says of it
         problems.append(f"{p}: no usable {what}" + (" (the data set is empty)" if not records else ""))
     return len(records), problems
@@ -172,10 +185,10 @@ def parse_all(path: str | Path, parse, on_error: str = "fail", columns: dict | N
             item = parse(rename_columns(rec, columns))
         except ValueError as e:
             if on_error == "fail":
-                raise UserError(f"{_where(p, line)}: {e}") from None
-            skipped.append(f"{_where(p, line)}: {e}")
+                raise UserError(f"{where(p, line)}: {e}") from None
+            skipped.append(f"{where(p, line)}: {e}")
             continue
-        item.meta["where"] = _where(p, line)
+        item.meta["where"] = where(p, line)
         items.append(item)
     if not items:
         raise UserError(f"{p}: no usable {what}" + (" (the data set is empty)" if not records else ""))

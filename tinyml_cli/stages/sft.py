@@ -19,10 +19,10 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, command: str, resume: bool = Fa
             status=None) -> dict:
     """Setup -> loop -> save for pretrain-align / sft; returns the JSON summary. `status(text)` hears what each
     phase before the first step is doing."""
+    from ..core.batching import train_examples
     from ..core.loop import ExampleBatches, process_state, train
     from ..core.model import count_params
     from ..core.trainable import setup_model
-    from ..records.conversations import load_examples
     from ..records.encoder import encoder_for
 
     t0 = time.time()
@@ -32,16 +32,13 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, command: str, resume: bool = Fa
         raise UserError("data.train is not set (a LLaVA-format JSON / JSONL file)")
     status(f"loading the model ({model_source(cfg)})")
     model = setup_model(cfg)
-    status(f"reading and encoding {cfg.data.train}")
-    examples, skipped = load_examples(cfg.data.train, encoder_for(model, cfg.data), cfg.data.on_error,
-                                      columns=cfg.data.columns)
+    examples, skipped = train_examples(cfg.data, encoder_for(model, cfg.data), status)
     collate = model.collator()
     main_process = process_state().is_main_process  # with several processes, one writes the outputs
     if main_process:
         out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails before this leaves no folder
         save_config(cfg, out, {"command": command})
-    status(f"{len(examples):,} records encoded{f', {len(skipped)} skipped' if skipped else ''}; "
-           f"first step (decoding its images)")
+    status("first step (decoding its images)")
     trainable, total = count_params(model)
     stats = train(model, ExampleBatches(examples, collate), sft_step, cfg.train, out, resume=resume, progress=progress)
     if main_process:
