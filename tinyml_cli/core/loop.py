@@ -15,6 +15,7 @@ With `train.optimizer_in_backward` each weight takes its AdamW step inside the b
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -46,36 +47,67 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def micro_batches(n_examples: int, batch_size: int, world: int, rank: int, seed: int):
-    """Endless (epoch, indices) per micro-batch: each global batch of batch_size*world is split by rank."""
-    epoch = 0
-    while True:
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        perm = torch.randperm(n_examples, generator=g).tolist()
+class MicroBatchOrder:
+    """Micro-batch k of a run as (epoch, record indices), computed on demand: each epoch is a seeded permutation,
+    each global batch of batch_size*world records split by rank (a last global batch that is not full is
+    dropped, unless the data set is smaller than one)."""
+
+    def __init__(self, n_examples: int, batch_size: int, world: int, rank: int, seed: int):
+        self.n, self.bs, self.world, self.rank, self.seed = n_examples, batch_size, world, rank, seed
         gb = batch_size * world
-        for i in range(0, n_examples - gb + 1 if n_examples >= gb else 1, gb):
-            chunk = perm[i:i + gb]
-            yield epoch, chunk[rank::world] or chunk[:batch_size]
-        epoch += 1
+        self.per_epoch = len(range(0, n_examples - gb + 1 if n_examples >= gb else 1, gb))
+        self._perm = (None, None)
+
+    def __getitem__(self, k: int) -> tuple[int, list[int]]:
+        epoch, j = divmod(k, self.per_epoch)
+        if self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g).tolist())
+        gb = self.bs * self.world
+        chunk = self._perm[1][j * gb:(j + 1) * gb]
+        return epoch, chunk[self.rank::self.world] or chunk[:self.bs]
+
+
+class _Collated:
+    """Micro-batch k collated: what DataLoader workers make ahead of the step (a map-style data set)."""
+
+    def __init__(self, examples, collate, order: MicroBatchOrder):
+        self.examples, self.collate, self.order = examples, collate, order
+
+    def __getitem__(self, k: int):
+        epoch, idx = self.order[k]
+        try:
+            return {"epoch": epoch}, self.collate([self.examples[i] for i in idx])
+        except UserError as e:  # a worker's exception would come back with its traceback: keep the one line
+            return {"error": str(e)}, None
 
 
 class ExampleBatches:
     """The batch source of supervised and preference objectives: records in a seeded permutation per epoch, each
-    global batch of batch_size x processes split by rank, collated one micro-batch at a time."""
+    global batch of batch_size x processes split by rank, collated one micro-batch at a time, in the training
+    process or (num_workers > 0) ahead of it in DataLoader workers; the batches are the same either way."""
 
-    def __init__(self, examples: list, collate):
-        self.examples, self.collate, self.done = examples, collate, 0
+    def __init__(self, examples, collate, num_workers: int = 0):
+        self.examples, self.collate, self.done, self.num_workers = examples, collate, 0, num_workers
 
     def steps(self, tcfg, world: int) -> int:
         return total_steps(tcfg, len(self.examples), world)
 
     def batches(self, acc, tcfg, model):
-        order = micro_batches(len(self.examples), tcfg.batch_size, acc.num_processes, acc.process_index, tcfg.seed)
-        for _ in range(self.done):  # fast-forward the data order to where the run stopped
-            next(order)
-        for epoch, idx in order:
+        order = MicroBatchOrder(len(self.examples), tcfg.batch_size, acc.num_processes, acc.process_index, tcfg.seed)
+        data = _Collated(self.examples, self.collate, order)
+        if self.num_workers:  # the order starts where the run stopped: a resumed run sees the same batches
+            from torch.utils.data import DataLoader
+            items = iter(DataLoader(data, batch_size=None, sampler=itertools.count(self.done),
+                                    num_workers=self.num_workers, prefetch_factor=4,
+                                    pin_memory=torch.cuda.is_available()))
+        else:
+            items = (data[k] for k in itertools.count(self.done))
+        for info, batch in items:
+            if "error" in info:
+                raise UserError(info["error"])
             self.done += 1
-            yield {"epoch": epoch}, self.collate([self.examples[i] for i in idx])
+            yield info, batch
 
     def state_dict(self) -> dict:
         return {"done": self.done}
@@ -227,14 +259,16 @@ def train(model, source, step_fn, tcfg, out_dir: Path, resume: bool = False, pro
     tracking.start(acc, report_to, tcfg, out_dir)
     model.train()
     log = open(out_dir / "metrics.jsonl", "a" if resume else "w", encoding="utf-8") if acc.is_main_process else None
-    losses, tokens, t0 = [], 0, time.time()
+    losses, tokens, t0, waited = [], 0, time.time(), 0.0
     last_metrics = {}
     world = acc.num_processes
     whole = tcfg.grad_accum == 1 and world == 1  # each step is one micro-batch: its mean loss is the step's
     for step in range(start, steps):
         units, loss_sum, step_metrics, source_metrics = 0, 0.0, {}, {}
         for micro in range(tcfg.grad_accum):
+            t_wait = time.perf_counter()
             info, batch = next(batches)
+            waited += time.perf_counter() - t_wait  # time the step stood waiting for its data
             source_metrics = info
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             ctx = acc.no_sync(model) if micro < tcfg.grad_accum - 1 else contextlib.nullcontext()
@@ -283,6 +317,7 @@ def train(model, source, step_fn, tcfg, out_dir: Path, resume: bool = False, pro
             progress(step + 1, steps, step_loss, tps)
         if tcfg.save_every and (step + 1) % tcfg.save_every == 0 and step + 1 < steps and acc.is_main_process:
             save_checkpoint(out_dir, step + 1, acc.unwrap_model(model), opt, sched, tcfg.keep_last, source)
+    batches.close()  # stops DataLoader workers now rather than when garbage-collected
     for h in hooks:
         h.remove()
     if log:
@@ -292,7 +327,8 @@ def train(model, source, step_fn, tcfg, out_dir: Path, resume: bool = False, pro
     seconds = time.time() - t0
     return {"steps": steps, "resumed_from": start, "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None, "tokens_per_s": tokens / max(seconds, 1e-9),
-            "train_seconds": seconds, **{k: v for k, v in last_metrics.items() if k not in ("step", "epoch", "loss")}}
+            "train_seconds": seconds, "data_wait_share": waited / max(seconds, 1e-9),
+            **{k: v for k, v in last_metrics.items() if k not in ("step", "epoch", "loss")}}
 
 
 @contextlib.contextmanager
