@@ -29,21 +29,36 @@ class Encoder:
             return self.images.render(msgs, gen_prompt)
         return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
 
-    def _ids(self, text: str, queue: list, spans: list, start: int) -> list[int]:
-        """Token ids of rendered text, each placeholder replaced by the next image's tokens (their [start, end)
-        positions, offset by `start`, go into `spans`)."""
-        ids = []
+    def _pieces(self, text: str) -> list:
+        """Rendered text as its pieces in order: strings, and None where an image's tokens go."""
+        out = []
         for i, piece in enumerate(text.split(self.placeholder)):
             if i:
+                out.append(None)
+            if piece:
+                out.append(piece)
+        return out
+
+    def _tokens(self, segments: list, images: list) -> tuple[list[int], list[int], list]:
+        """(ids, labels, image spans) of (labelled, piece) segments: the text pieces tokenized in one call (the
+        tokenizer's per-call cost dominates short pieces), each None replaced by the next image's tokens."""
+        texts = [x for _, x in segments if x is not None]
+        found = iter(self.tok(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        queue, ids, labels, spans = list(images), [], [], []
+        for labelled, x in segments:
+            if x is None:
                 if not queue:
                     raise ValueError("the chat template renders more images than the record has")
                 image = queue.pop(0)
-                img = [self.image_id] * self.n_img if self.images is None else self.images.ids(image)
-                spans.append((start + len(ids), start + len(ids) + len(img)))
-                ids += img
-            if piece:
-                ids += self.tok(piece, add_special_tokens=False)["input_ids"]
-        return ids
+                t = [self.image_id] * self.n_img if self.images is None else self.images.ids(image)
+                spans.append((len(ids), len(ids) + len(t)))
+                ids += t
+                labels += [-100] * len(t)
+            else:
+                t = next(found)
+                ids += t
+                labels += t if labelled else [-100] * len(t)
+        return ids, labels, spans
 
     def encode(self, msgs: list[dict], images, for_generation: bool = False,
                truncate: bool = True) -> tuple[list[int], list[int]]:
@@ -58,28 +73,25 @@ class Encoder:
             msgs = [{"role": "system", "content": self.system}] + msgs
         if for_generation and msgs[-1]["role"] == "assistant":
             msgs = msgs[:-1]
-        ids, labels, done, spans, queue = [], [], "", [], list(images)
+        if for_generation:
+            ids, _, spans = self._tokens([(False, x) for x in self._pieces(self._render(msgs, True))], images)
+            return self._truncate(ids, [-100] * len(ids), True, spans) if truncate else (ids, [-100] * len(ids))
+        segments, done = [], ""
         for i, m in enumerate(msgs):
-            if m["role"] != "assistant" or for_generation:
+            if m["role"] != "assistant":
                 continue
             prompt = self._render(msgs[:i], True)
             full = self._render(msgs[:i + 1], False)
             if not prompt.startswith(done) or not full.startswith(prompt):
                 raise UserError("the tokenizer's chat template does not render conversations prefix by prefix")
-            p_ids = self._ids(prompt[len(done):], queue, spans, len(ids))
-            a_spans: list = []
-            a_ids = self._ids(full[len(prompt):], queue, a_spans, len(ids) + len(p_ids))
-            in_image = {k for a, b in a_spans for k in range(a - len(ids) - len(p_ids), b - len(ids) - len(p_ids))}
-            ids += p_ids + a_ids
-            labels += [-100] * len(p_ids) + [-100 if k in in_image else t for k, t in enumerate(a_ids)]
-            spans += a_spans
+            # the prompt's tokens are never labelled, the answer's are (its image tokens excepted)
+            segments += [(False, x) for x in self._pieces(prompt[len(done):])]
+            segments += [(True, x) for x in self._pieces(full[len(prompt):])]
             done = full
-        if for_generation:
-            ids = self._ids(self._render(msgs, True), queue, spans, 0)
-            labels = [-100] * len(ids)
-        elif not ids:
+        if not segments:
             raise ValueError("no assistant turn to learn from")
-        return self._truncate(ids, labels, for_generation, spans) if truncate else (ids, labels)
+        ids, labels, spans = self._tokens(segments, images)
+        return self._truncate(ids, labels, False, spans) if truncate else (ids, labels)
 
     def _truncate(self, ids, labels, for_generation, spans=()):
         if len(ids) <= self.max_length:
