@@ -259,7 +259,8 @@ def train(model, source, step_fn, tcfg, out_dir: Path, resume: bool = False, pro
     tracking.start(acc, report_to, tcfg, out_dir)
     model.train()
     log = open(out_dir / "metrics.jsonl", "a" if resume else "w", encoding="utf-8") if acc.is_main_process else None
-    losses, tokens, t0, waited = [], 0, time.time(), 0.0
+    losses, tokens, t0 = [], 0, time.time()
+    waited, first_done = 0.0, None  # data wait after the first step (whose batch also waits for workers to start)
     last_metrics = {}
     world = acc.num_processes
     whole = tcfg.grad_accum == 1 and world == 1  # each step is one micro-batch: its mean loss is the step's
@@ -268,7 +269,8 @@ def train(model, source, step_fn, tcfg, out_dir: Path, resume: bool = False, pro
         for micro in range(tcfg.grad_accum):
             t_wait = time.perf_counter()
             info, batch = next(batches)
-            waited += time.perf_counter() - t_wait  # time the step stood waiting for its data
+            if first_done is not None:
+                waited += time.perf_counter() - t_wait
             source_metrics = info
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             ctx = acc.no_sync(model) if micro < tcfg.grad_accum - 1 else contextlib.nullcontext()
@@ -304,6 +306,7 @@ def train(model, source, step_fn, tcfg, out_dir: Path, resume: bool = False, pro
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(step_loss)
+        first_done = first_done or time.perf_counter()
         tps = tokens / max(time.time() - t0, 1e-9)
         last_metrics = {"step": step + 1, **source_metrics, "loss": step_loss, "lr": sched.get_last_lr()[0],
                         "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -327,7 +330,8 @@ def train(model, source, step_fn, tcfg, out_dir: Path, resume: bool = False, pro
     seconds = time.time() - t0
     return {"steps": steps, "resumed_from": start, "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None, "tokens_per_s": tokens / max(seconds, 1e-9),
-            "train_seconds": seconds, "data_wait_share": waited / max(seconds, 1e-9),
+            "train_seconds": seconds,
+            "data_wait_share": waited / max(time.perf_counter() - first_done, 1e-9) if first_done else 0.0,
             **{k: v for k, v in last_metrics.items() if k not in ("step", "epoch", "loss")}}
 
 
