@@ -134,16 +134,59 @@ def trainable_state(model) -> dict:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(out_dir: Path, step: int, model, opt, sched, keep_last: int, source=None) -> Path:
+def fsdp_on_cpu(acc) -> bool:
+    """`accelerate launch` with an FSDP config on a machine without GPUs: accelerate turns FSDP on only for GPU
+    back-ends and falls back to DDP over gloo (MULTI_CPU), so the loop shards the model itself with FSDP2."""
+    return (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and acc.num_processes > 1
+            and acc.distributed_type == "MULTI_CPU")
+
+
+def shard(model, world: int) -> None:
+    """FSDP2 (`fully_shard`) over the CPU processes: each transformer layer (the classes a Hugging Face model
+    names in `_no_split_modules`, accelerate's TRANSFORMER_BASED_WRAP) is a unit of its own, the rest one unit."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (world,))
+    layers = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
+    for m in model.modules():
+        if type(m).__name__ in layers:
+            fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def full_states(model, opt) -> tuple[dict, dict]:
+    """The trainable weights and the optimizer state of a sharded model, whole, on rank 0 (every rank calls it;
+    the others get empty dicts). Optimizer states are keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    weights, optim = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    keep = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {n: v.contiguous() for n, v in weights.items() if n in keep}, optim
+
+
+def unshard(model) -> None:
+    """Whole tensors back in place of the FSDP2 shards once training is over, so that rank 0 saves the model as
+    one process would (every rank calls it: each gathers every weight)."""
+    from torch.distributed.tensor import DTensor
+    for m in model.modules():
+        for name, p in list(m._parameters.items()):
+            if isinstance(p, DTensor):
+                m._parameters[name] = torch.nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
+
+
+def save_checkpoint(out_dir: Path, step: int, model, opt, sched, keep_last: int, source=None,
+                    states: tuple | None = None) -> Path:
+    """Write a checkpoint; `states` are (trainable weights, optimizer state) when the caller gathered them
+    (a sharded model), else they are read from model and opt."""
     from safetensors.torch import save_file
+    weights, optim = states or (trainable_state(model), opt.state_dict())
     root = out_dir / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optim, "scheduler": sched.state_dict(), "rng": _rng_state(),
                     "source": source.state_dict() if source is not None else {}}, tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step}))
         shutil.rmtree(final, ignore_errors=True)
@@ -162,15 +205,23 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(ckpt: Path, model, opt, sched, source=None) -> int:
+def load_checkpoint(ckpt: Path, model, opt, sched, source=None, sharded: bool = False) -> int:
     from safetensors.torch import load_file
     state = load_file(str(ckpt / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, v in state.items():
-            params[n].copy_(v)
     st = torch.load(ckpt / "state.pt", weights_only=True)
-    opt.load_state_dict(st["optimizer"])
+    if sharded:  # every rank reads the whole checkpoint and keeps its shards
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_state_dict,
+        )
+        set_state_dict(model, opt, model_state_dict=state, optim_state_dict=st["optimizer"],
+                       options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, v in state.items():
+                params[n].copy_(v)
+        opt.load_state_dict(st["optimizer"])
     sched.load_state_dict(st["scheduler"])
     _set_rng_state(st["rng"])
     if source is not None:
@@ -202,10 +253,13 @@ def total_steps(tcfg, n_examples: int, world: int = 1) -> int:
 
 def optimizer(params, tcfg):
     """train.optimizer: torch's AdamW, or bitsandbytes' 8-bit AdamW (blockwise-quantized states), paged or not."""
+    from torch.distributed.tensor import DTensor
     kw = {"lr": tcfg.lr, "weight_decay": tcfg.weight_decay}
     if tcfg.optimizer == "adamw":
-        # torch's fused AdamW (one kernel per weight, CPU and CUDA) is faster than its per-op loop, same update
-        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        # torch's fused AdamW (one kernel per weight, CPU and CUDA) is faster than its per-op loop, same update;
+        # FSDP2's sharded weights take the per-op loop
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() and not isinstance(p, DTensor)
+                    for p in params)
         return torch.optim.AdamW(params, fused=fused, **kw)
     import bitsandbytes as bnb
     return (bnb.optim.PagedAdamW8bit if tcfg.optimizer.startswith("paged") else bnb.optim.AdamW8bit)(params, **kw)
@@ -231,6 +285,9 @@ def train(model, source, step_fn, tcfg, out_dir: Path, resume: bool = False, pro
     acc = accelerator or Accelerator(mixed_precision=mixed_precision(tcfg.mixed_precision),
                                      cpu=not torch.cuda.is_available(),  # see process_state
                                      log_with=report_to or None, project_dir=out_dir)
+    sharded = fsdp_on_cpu(acc)
+    if sharded:
+        shard(model, acc.num_processes)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("nothing to train: the recipe leaves every parameter frozen")
@@ -244,13 +301,14 @@ def train(model, source, step_fn, tcfg, out_dir: Path, resume: bool = False, pro
     steps = source.steps(tcfg, acc.num_processes)
     sched = get_scheduler(tcfg.scheduler if tcfg.scheduler != "constant" else "constant_with_warmup", opt,
                           num_warmup_steps=int(tcfg.warmup_ratio * steps), num_training_steps=steps)
-    model, opt = acc.prepare(model, opt)
+    if not sharded:  # (accelerate would wrap a sharded model in DDP)
+        model, opt = acc.prepare(model, opt)
     start = 0
     if resume:
         ckpt = latest_checkpoint(out_dir)
         if ckpt is None:
             raise UserError(f"--resume: no checkpoint in {out_dir / CKPT_DIR}")
-        start = load_checkpoint(ckpt, acc.unwrap_model(model), opt, sched, source)
+        start = load_checkpoint(ckpt, acc.unwrap_model(model), opt, sched, source, sharded)
     else:
         torch.manual_seed(tcfg.seed)
         random.seed(tcfg.seed)
@@ -301,6 +359,8 @@ def train(model, source, step_fn, tcfg, out_dir: Path, resume: bool = False, pro
                 if p.grad is not None:
                     p.grad.mul_(scale)
         grad_norm = acc.clip_grad_norm_(params, tcfg.max_grad_norm) if tcfg.max_grad_norm > 0 else None
+        if hasattr(grad_norm, "full_tensor"):  # the norm over FSDP2 shards
+            grad_norm = grad_norm.full_tensor()
         if not in_backward:  # else every weight has taken its step during the backward pass
             opt.step()
         sched.step()
@@ -318,9 +378,14 @@ def train(model, source, step_fn, tcfg, out_dir: Path, resume: bool = False, pro
             tracking.log(acc, report_to, last_metrics)
         if progress:
             progress(step + 1, steps, step_loss, tps)
-        if tcfg.save_every and (step + 1) % tcfg.save_every == 0 and step + 1 < steps and acc.is_main_process:
-            save_checkpoint(out_dir, step + 1, acc.unwrap_model(model), opt, sched, tcfg.keep_last, source)
+        if tcfg.save_every and (step + 1) % tcfg.save_every == 0 and step + 1 < steps:
+            states = full_states(model, opt) if sharded else None  # gathered by every rank
+            if acc.is_main_process:
+                save_checkpoint(out_dir, step + 1, acc.unwrap_model(model), opt, sched, tcfg.keep_last, source,
+                                states)
     batches.close()  # stops DataLoader workers now rather than when garbage-collected
+    if sharded:
+        unshard(model)
     for h in hooks:
         h.remove()
     if log:
@@ -330,7 +395,7 @@ def train(model, source, step_fn, tcfg, out_dir: Path, resume: bool = False, pro
     seconds = time.time() - t0
     return {"steps": steps, "resumed_from": start, "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None, "tokens_per_s": tokens / max(seconds, 1e-9),
-            "train_seconds": seconds,
+            "train_seconds": seconds, "processes": world, "fsdp2_on_cpu": sharded,
             "data_wait_share": waited / max(time.perf_counter() - first_done, 1e-9) if first_done else 0.0,
             **{k: v for k, v in last_metrics.items() if k not in ("step", "epoch", "loss")}}
 
