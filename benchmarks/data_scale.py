@@ -4,6 +4,7 @@ the share of step time spent waiting for data with and without DataLoader worker
     python benchmarks/data_scale.py                      # a table
     python benchmarks/data_scale.py --json               # {"sizes": [{records, seconds_to_first_step_cold, ...}]}
     python benchmarks/data_scale.py --sizes 8000 --json  # one size
+    python benchmarks/data_scale.py --packing --sizes 8000 --json  # tokens/s with data.packing off / on
 
 The data: JSONL files of 8k, 80k and 665k records that repeat shapes conversations (3-5 question turns each)
 over 300 shapes images drawn at 384 px, as LLaVA-v1.5-665k mixes repeat its images. The model: the benchmarks'
@@ -19,6 +20,8 @@ Per size, each figure from a fresh `tinyml sft` process:
 - data_wait_share / data_wait_share_workers: the share of wall time after the first step that the loop spent
   waiting for its next batch, over `--steps` steps, with data.num_workers=0 and =--workers (`train`'s
   data_wait_share).
+With --packing it measures instead the labelled tokens per second of `--steps`-step runs with data.packing off
+and on (the same records and order; alternating fresh runs, median of --repeats each), on the first size's file.
 The driver itself imports nothing heavy, so its own memory is not carried into the children's peak RSS.
 """
 
@@ -87,19 +90,36 @@ def run_one(a, cmd_args: list[str]) -> tuple[float, float, str]:
         return seconds, usage.ru_maxrss / 1024, out.read().decode()
 
 
-def measure(a, model: str, train: str, n: int, say) -> dict:
-    out = a.work / "runs" / str(n)
-
-    def sft_run(steps: int, workers: int) -> tuple[float, float, dict]:
+def sft_runner(a, model: str, train: str, out: Path):
+    def sft_run(steps: int, workers: int, *extra: str) -> tuple[float, float, dict]:
         sets = [f"model.init_from={model}", f"data.train={train}", f"data.cache_dir={a.work / 'cache'}",
                 f"data.num_proc={a.num_proc}", f"data.num_workers={workers}", f"train.max_steps={steps}",
-                f"train.batch_size={a.batch_size}", "data.max_length=256", "train.log_every=1000"]
+                f"train.batch_size={a.batch_size}", "data.max_length=256", "train.log_every=1000", *extra]
         cmd = [sys.executable, "-m", "tinyml_cli", "sft", "--json", "--overwrite", "-o", str(out)]
         for s in sets:
             cmd += ["--set", s]
         seconds, rss, stdout = run_one(a, cmd)
         return seconds, rss, json.loads([x for x in stdout.splitlines() if x.startswith("{")][-1])
+    return sft_run
 
+
+def packing(a, model: str, train: str, say) -> dict:
+    """Labelled tokens/s of the same steps padded and packed, alternating fresh runs (warm cache)."""
+    import statistics
+    sft_run = sft_runner(a, model, train, a.work / "runs" / "packing")
+    sft_run(1, 0)  # fills the cache
+    found = {"false": [], "true": []}
+    for _ in range(a.repeats):
+        for pack, runs in found.items():
+            runs.append(sft_run(a.steps, 0, f"data.packing={pack}")[2]["metrics"]["tokens_per_s"])
+            say(f"data.packing={pack}: {runs[-1]:.1f} labelled tokens/s")
+    pad, pack = statistics.median(found["false"]), statistics.median(found["true"])
+    return {"tokens_per_s_padded": round(pad, 1), "tokens_per_s_packed": round(pack, 1),
+            "gain": round(pack / pad, 3), "runs": found}
+
+
+def measure(a, model: str, train: str, n: int, say) -> dict:
+    sft_run = sft_runner(a, model, train, a.work / "runs" / str(n))
     shutil.rmtree(a.work / "cache", ignore_errors=True)
     cold, rss_cold, _ = sft_run(1, 0)
     say(f"{n:,} records: first step cold {cold:.1f} s (peak RSS {rss_cold:.0f} MB)")
@@ -127,6 +147,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="data.num_workers of the data-wait run with workers")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps of each data-wait run")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--packing", action="store_true", help="measure tokens/s with data.packing off and on instead")
+    p.add_argument("--repeats", type=int, default=2, help="--packing: runs per setting")
     p.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.work = a.work.resolve()
@@ -138,6 +160,13 @@ def main() -> None:
     say("building the model, images and data files (once)")
     _, _, out = run_one(a, [sys.executable, __file__, "--prepare", "--work", str(a.work), "--sizes", a.sizes])
     built = json.loads(out.strip().splitlines()[-1])
+    if a.packing:
+        found = packing(a, built["model"], built["files"][str(sizes[0])], say)
+        print(json.dumps({"benchmark": "data_scale --packing", "steps": a.steps, "batch_size": a.batch_size,
+                          "packing": found}) if a.json else
+              f"labelled tokens/s: padded {found['tokens_per_s_padded']}, packed {found['tokens_per_s_packed']} "
+              f"({found['gain']}x)")
+        return
     rows = [measure(a, built["model"], built["files"][str(n)], n, say) for n in sizes]
     result = {"benchmark": "data_scale", "num_proc": a.num_proc, "workers": a.workers, "cpus": os.cpu_count(),
               "batch_size": a.batch_size, "steps": a.steps, "images": N_IMAGES, "image_px": IMAGE_PX, "sizes": rows}

@@ -40,13 +40,30 @@ class ImageLoader:
 
 
 class Collator:
-    """Pads a list of Examples into a batch (right padding to train, left padding to generate)."""
+    """Pads a list of Examples into a batch (right padding to train, left padding to generate), or with `pack`
+    (data.packing) lays them end to end in one row with no padding: positions restart at each record (the model
+    keeps each record's attention to itself from them) and no record's first token is a target, so the loss is
+    that of the padded batch."""
+
+    pack = False
 
     def __init__(self, pad_id: int, images: ImageLoader, left_pad: bool = False):
         self.pad_id, self.images, self.left = pad_id, images, left_pad
 
+    def packed(self, batch: list[Example]) -> dict:
+        import torch
+        ids = torch.tensor([t for e in batch for t in e.input_ids])[None]
+        labels = torch.tensor([-100 if k == 0 else t for e in batch for k, t in enumerate(e.labels)])[None]
+        pos = torch.cat([torch.arange(len(e.input_ids)) for e in batch])[None]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "position_ids": pos}
+
     def __call__(self, batch: list[Example]) -> dict:
         import torch
+        if self.pack:
+            out = self.packed(batch)
+            if any(e.images for e in batch):
+                out["pixel_values"] = self.pixels(batch, out["input_ids"], out["labels"])
+            return out
         n = max(len(e.input_ids) for e in batch)
         ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
         labels = torch.full((len(batch), n), -100, dtype=torch.long)

@@ -199,10 +199,13 @@ class LMM(nn.Module):
             emb = emb.masked_scatter(is_img.unsqueeze(-1), img.reshape(-1, img.shape[-1]))
         return emb
 
-    def hidden_states(self, input_ids, attention_mask, pixel_values=None) -> torch.Tensor:
+    def hidden_states(self, input_ids, attention_mask, pixel_values=None, position_ids=None) -> torch.Tensor:
         from .prompt_learning import with_virtual_tokens
         emb = self.embed(input_ids, pixel_values)
         decoder = self.base_llm().get_decoder()
+        if position_ids is not None:  # packed records: with no mask, transformers keeps each record's attention
+            # to itself from where the positions restart (a block-diagonal causal mask; varlen on flash-attention)
+            return decoder(inputs_embeds=emb, position_ids=position_ids, use_cache=False).last_hidden_state
         emb, attention_mask, extra, drop = with_virtual_tokens(self.llm, emb, attention_mask)
         return decoder(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False,
                        **extra).last_hidden_state[:, drop:]
@@ -215,10 +218,11 @@ class LMM(nn.Module):
     def logits_at(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)
 
-    def forward(self, input_ids, attention_mask, pixel_values=None, labels=None):
-        """Mean next-token loss over labelled positions; logits are computed only where a label is."""
+    def forward(self, input_ids, attention_mask, pixel_values=None, labels=None, position_ids=None):
+        """Mean next-token loss over labelled positions; logits are computed only where a label is. With
+        `position_ids` (packed records, see batching.Collator) the attention mask is not used."""
         from .chunked_loss import mean_nll
-        hidden = self.hidden_states(input_ids, attention_mask, pixel_values)
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, position_ids)
         if labels is None:
             return self.logits_at(hidden)
         h, y = hidden[:, :-1], labels[:, 1:]

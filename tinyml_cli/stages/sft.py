@@ -32,8 +32,12 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, command: str, resume: bool = Fa
         raise UserError("data.train is not set (a LLaVA-format JSON / JSONL file)")
     status(f"loading the model ({model_source(cfg)})")
     model = setup_model(cfg)
-    examples, skipped = train_examples(cfg.data, encoder_for(model, cfg.data), status)
     collate = model.collator()
+    if cfg.data.packing:
+        if type(collate).__name__ != "Collator" or hasattr(getattr(model, "connector", None), "media"):
+            raise UserError("data.packing needs a composed model (not a model.vlm checkpoint or xattn)")
+        collate.pack = True
+    examples, skipped = train_examples(cfg.data, encoder_for(model, cfg.data), status)
     main_process = process_state().is_main_process  # with several processes, one writes the outputs
     if main_process:
         out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails before this leaves no folder
