@@ -20,8 +20,9 @@ Per size, each figure from a fresh `tinyml sft` process:
 - data_wait_share / data_wait_share_workers: the share of wall time after the first step that the loop spent
   waiting for its next batch, over `--steps` steps, with data.num_workers=0 and =--workers (`train`'s
   data_wait_share).
-With --packing it measures instead the labelled tokens per second of `--steps`-step runs with data.packing off
-and on (the same records and order; alternating fresh runs, median of --repeats each), on the first size's file.
+With --packing it measures instead the labelled tokens per second of `--steps`-step runs padded, with
+data.group_by_length and with data.packing (alternating fresh runs, median of --repeats each; padded and packed
+runs see the same records), on the first size's file.
 The driver itself imports nothing heavy, so its own memory is not carried into the children's peak RSS.
 """
 
@@ -108,14 +109,16 @@ def packing(a, model: str, train: str, say) -> dict:
     import statistics
     sft_run = sft_runner(a, model, train, a.work / "runs" / "packing")
     sft_run(1, 0)  # fills the cache
-    found = {"false": [], "true": []}
+    settings = {"padded": "data.packing=false", "grouped": "data.group_by_length=true", "packed": "data.packing=true"}
+    found = {k: [] for k in settings}
     for _ in range(a.repeats):
-        for pack, runs in found.items():
-            runs.append(sft_run(a.steps, 0, f"data.packing={pack}")[2]["metrics"]["tokens_per_s"])
-            say(f"data.packing={pack}: {runs[-1]:.1f} labelled tokens/s")
-    pad, pack = statistics.median(found["false"]), statistics.median(found["true"])
-    return {"tokens_per_s_padded": round(pad, 1), "tokens_per_s_packed": round(pack, 1),
-            "gain": round(pack / pad, 3), "runs": found}
+        for name, runs in found.items():
+            runs.append(sft_run(a.steps, 0, settings[name])[2]["metrics"]["tokens_per_s"])
+            say(f"{settings[name]}: {runs[-1]:.1f} labelled tokens/s")
+    med = {k: statistics.median(v) for k, v in found.items()}
+    return {**{f"tokens_per_s_{k}": round(v, 1) for k, v in med.items()},
+            "gain_packed": round(med["packed"] / med["padded"], 3),
+            "gain_grouped": round(med["grouped"] / med["padded"], 3), "runs": found}
 
 
 def measure(a, model: str, train: str, n: int, say) -> dict:
@@ -164,8 +167,9 @@ def main() -> None:
         found = packing(a, built["model"], built["files"][str(sizes[0])], say)
         print(json.dumps({"benchmark": "data_scale --packing", "steps": a.steps, "batch_size": a.batch_size,
                           "packing": found}) if a.json else
-              f"labelled tokens/s: padded {found['tokens_per_s_padded']}, packed {found['tokens_per_s_packed']} "
-              f"({found['gain']}x)")
+              f"labelled tokens/s: padded {found['tokens_per_s_padded']}, grouped by length "
+              f"{found['tokens_per_s_grouped']} ({found['gain_grouped']}x), packed {found['tokens_per_s_packed']} "
+              f"({found['gain_packed']}x)")
         return
     rows = [measure(a, built["model"], built["files"][str(n)], n, say) for n in sizes]
     result = {"benchmark": "data_scale", "num_proc": a.num_proc, "workers": a.workers, "cpus": os.cpu_count(),

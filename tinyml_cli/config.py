@@ -65,6 +65,8 @@ class DataConfig:
     cache_dir: str = _f("", "where encoded JSON / JSONL data sets are cached, one folder per data file, tokenizer, chat "
                             "template and encoding settings ('': ~/.cache/tinyml/encoded, or under $XDG_CACHE_HOME)")
     num_proc: int = _f(0, "processes that encode a data file into the cache (0: one per CPU up to 8; 1 for a small file)")
+    group_by_length: bool = _f(False, "batches of records of similar length (sorted within groups of 64 batches of the shuffled "
+                                      "order, the batches then shuffled): less padding, another data order")
     packing: bool = _f(False, "lay each micro-batch's records end to end in one row, without padding (positions restart per "
                               "record, attention stays within it): same loss, fewer tokens computed; composed models "
                               "(model.llm + model.vision), not model.vlm, xattn or prompt / prefix tuning")

@@ -58,3 +58,21 @@ def test_a_broken_image_in_a_worker_is_one_line_naming_the_record(tiny_model, sh
     with pytest.raises(UserError) as e:
         _take(ExampleBatches(recs, tiny_model.collator(), num_workers=1), 1, SimpleNamespace(batch_size=4, seed=0))
     assert "d.jsonl:2: cannot read image" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_group_by_length_batches_similar_lengths_in_a_seeded_order(tiny_model, records):
+    from tinyml_cli.core.loop import MicroBatchOrder
+    lengths = list(records.lengths)
+    plain = MicroBatchOrder(len(records), 4, 1, 0, seed=1)
+    grouped = MicroBatchOrder(len(records), 4, 1, 0, seed=1, lengths=lengths)
+    per = grouped.per_epoch
+    assert sorted(i for k in range(per) for i in grouped[k][1]) == list(range(48))  # every record, once an epoch
+    pad = lambda order: sum(max(lengths[i] for i in order[k][1]) * 4 - sum(lengths[i] for i in order[k][1])  # noqa: E731
+                            for k in range(per))
+    assert pad(grouped) < pad(plain) / 2
+    assert [grouped[k] for k in range(per)] == [MicroBatchOrder(48, 4, 1, 0, 1, lengths)[k] for k in range(per)]
+    assert [grouped[k][1] for k in range(per)] != [grouped[per + k][1] for k in range(per)]  # a new order each epoch
+    tcfg = SimpleNamespace(batch_size=4, seed=1)
+    a = _take(ExampleBatches(records, tiny_model.collator(), group_by_length=True), 3, tcfg)
+    b = _take(ExampleBatches(records, tiny_model.collator(), num_workers=1, group_by_length=True), 3, tcfg)
+    _same(a, b)

@@ -47,22 +47,40 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+GROUP = 64  # data.group_by_length: global batches per group of records sorted by length
+
+
 class MicroBatchOrder:
     """Micro-batch k of a run as (epoch, record indices), computed on demand: each epoch is a seeded permutation,
     each global batch of batch_size*world records split by rank (a last global batch that is not full is
-    dropped, unless the data set is smaller than one)."""
+    dropped, unless the data set is smaller than one). With `lengths` (data.group_by_length) each run of
+    GROUP global batches of the permutation is sorted by record length, cut into batches and those shuffled:
+    batches of similar lengths, so less padding, in an order still random."""
 
-    def __init__(self, n_examples: int, batch_size: int, world: int, rank: int, seed: int):
+    def __init__(self, n_examples: int, batch_size: int, world: int, rank: int, seed: int, lengths=None):
         self.n, self.bs, self.world, self.rank, self.seed = n_examples, batch_size, world, rank, seed
         gb = batch_size * world
         self.per_epoch = len(range(0, n_examples - gb + 1 if n_examples >= gb else 1, gb))
-        self._perm = (None, None)
+        self._perm, self.lengths = (None, None), lengths
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        if self.lengths is None:
+            return perm
+        gb, out = self.bs * self.world, []
+        for s in range(0, len(perm), GROUP * gb):
+            group = sorted(perm[s:s + GROUP * gb], key=lambda i: self.lengths[i])
+            batches = [group[i:i + gb] for i in range(0, len(group), gb)]
+            full = len(group) // gb  # a last batch that is not full stays last (and is dropped, as unsorted)
+            out += [i for b in torch.randperm(full, generator=g).tolist() for i in batches[b]]
+            out += group[full * gb:]
+        return out
 
     def __getitem__(self, k: int) -> tuple[int, list[int]]:
         epoch, j = divmod(k, self.per_epoch)
         if self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm = (epoch, torch.randperm(self.n, generator=g).tolist())
+            self._perm = (epoch, self._order(epoch))
         gb = self.bs * self.world
         chunk = self._perm[1][j * gb:(j + 1) * gb]
         return epoch, chunk[self.rank::self.world] or chunk[:self.bs]
@@ -87,14 +105,20 @@ class ExampleBatches:
     global batch of batch_size x processes split by rank, collated one micro-batch at a time, in the training
     process or (num_workers > 0) ahead of it in DataLoader workers; the batches are the same either way."""
 
-    def __init__(self, examples, collate, num_workers: int = 0):
+    def __init__(self, examples, collate, num_workers: int = 0, group_by_length: bool = False):
         self.examples, self.collate, self.done, self.num_workers = examples, collate, 0, num_workers
+        self.lengths = None
+        if group_by_length:
+            self.lengths = getattr(examples, "lengths", None)
+            if self.lengths is None:
+                self.lengths = [len(e.input_ids) for e in examples]
 
     def steps(self, tcfg, world: int) -> int:
         return total_steps(tcfg, len(self.examples), world)
 
     def batches(self, acc, tcfg, model):
-        order = MicroBatchOrder(len(self.examples), tcfg.batch_size, acc.num_processes, acc.process_index, tcfg.seed)
+        order = MicroBatchOrder(len(self.examples), tcfg.batch_size, acc.num_processes, acc.process_index, tcfg.seed,
+                                self.lengths)
         data = _Collated(self.examples, self.collate, order)
         if self.num_workers:  # the order starts where the run stopped: a resumed run sees the same batches
             from torch.utils.data import DataLoader

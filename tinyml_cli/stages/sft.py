@@ -44,7 +44,8 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, command: str, resume: bool = Fa
         save_config(cfg, out, {"command": command})
     status("first step (decoding its images)")
     trainable, total = count_params(model)
-    stats = train(model, ExampleBatches(examples, collate, cfg.data.num_workers), sft_step, cfg.train, out, resume=resume, progress=progress)
+    source = ExampleBatches(examples, collate, cfg.data.num_workers, cfg.data.group_by_length)
+    stats = train(model, source, sft_step, cfg.train, out, resume=resume, progress=progress)
     if main_process:
         model.save(out)
     metrics = {**stats, "examples": len(examples), "skipped": len(skipped), "seconds": time.time() - t0}
