@@ -84,7 +84,10 @@ def test_training_stages_say_what_they_do_before_the_first_step(tiny_cfg, prefs,
     assert said[0] == f"loading the model ({cfg.model.llm} + {cfg.model.vision})"
     assert said[1] == f"reading and encoding {cfg.data.train}"
     n = sum(1 for line in open(cfg.data.train) if line.strip())
-    assert said[2] == f"{n:,} records encoded; first step (decoding its images)" and said[3] == "step 1"
+    assert said[-3].startswith(f"{n:,} records encoded (") and said[-2:] == ["first step (decoding its images)", "step 1"]
+    said.clear()
+    run_sft(cfg, tmp_path / "sft", "sft", progress=progress, status=said.append)  # the same data again: the cache
+    assert said[-3].startswith(f"{n:,} records from the cache (") and len(said) == 5
     said.clear()
     dcfg = load_config("tiny_dpo", [f"model.init_from={tmp_path / 'sft'}", f"data.train={prefs / 'pref_train.jsonl'}",
                                     f"data.eval={prefs / 'pref_eval.jsonl'}", "train.max_steps=1", "train.batch_size=4"])

@@ -197,7 +197,7 @@ def train_examples(data, encoder, status=None) -> tuple:
     if others_wait and not state.is_main_process:
         state.wait_for_everyone()
     try:
-        status(f"reading {data.train}")
+        status(f"reading and encoding {data.train}")
         examples, skipped, hit = encode_cached(
             data.train, encoder, data.cache_dir or default_cache_dir(), data.on_error, data.num_proc, data.columns,
             progress=lambda done, n: status(f"encoding {data.train}: {done}/{n} blocks"))
