@@ -1,11 +1,14 @@
 """Shared fixtures: the tiny default (briefly pretrained) and a small shapes data set, built once per session."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 # encoded data sets (records.encoded) go to a fresh cache folder per session, not the user's
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="tinyml-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
