@@ -78,6 +78,18 @@ def _ppo(cfg, out, resume=False, progress=None):
     return run_ppo(cfg, out, resume=resume, progress=progress)
 
 
+def _grpo(command):
+    def run(cfg, out, resume=False, progress=None):
+        from .stages.grpo import run_grpo
+        return run_grpo(cfg, out, command, resume=resume, progress=progress)
+    return run
+
+
+def _kto(cfg, out, resume=False, progress=None):
+    from .stages.kto import run_kto
+    return run_kto(cfg, out, resume=resume, progress=progress)
+
+
 def _reward(cfg, out, resume=False, progress=None):
     from .stages.reward import run_reward
     return run_reward(cfg, out, resume=resume, progress=progress)
@@ -122,9 +134,11 @@ def reward(ctx: typer.Context, config: Config = None, set_: Sets = None, output_
 @app.command()
 def dpo(config: Config = None, set_: Sets = None, output_dir: RunDir = None, json_mode: Json = False,
         resume: Resume = False, overwrite: Overwrite = False):
-    """Direct preference optimisation (pref.loss_type sigmoid = DPO, ipo = IPO; pref.label_smoothing > 0 = cDPO).
+    """Preference pairs: pref.loss_type sigmoid (DPO), ipo, simpo, orpo (no reference) or mdpo (image-conditional).
 
-    Example: tinyml dpo -c tiny_dpo -o runs/dpo --set pref.beta=0.1
+    pref.label_smoothing > 0 = cDPO, pref.rpo_alpha > 0 adds the chosen answer's NLL (RPO).
+
+    Example: tinyml dpo -c tiny_dpo -o runs/dpo --set pref.loss_type=mdpo
     """
     _train("dpo", _dpo, config, set_, output_dir, json_mode, resume, overwrite, PREF_DEFAULTS)
 
@@ -137,6 +151,36 @@ def ppo(config: Config = None, set_: Sets = None, output_dir: RunDir = None, jso
     Example: tinyml ppo -c tiny_ppo -o runs/ppo --set ppo.reward=runs/reward
     """
     _train("ppo", _ppo, config, set_, output_dir, json_mode, resume, overwrite, PREF_DEFAULTS)
+
+
+@app.command()
+def grpo(config: Config = None, set_: Sets = None, output_dir: RunDir = None, json_mode: Json = False,
+         resume: Resume = False, overwrite: Overwrite = False):
+    """GRPO: G responses per prompt, rule / reward-model rewards, group-normalised advantages, clipped per-token loss + beta k3 KL.
+
+    Example: tinyml grpo -c tiny_grpo -o runs/grpo --set grpo.num_generations=8
+    """
+    _train("grpo", _grpo("grpo"), config, set_, output_dir, json_mode, resume, overwrite, PREF_DEFAULTS)
+
+
+@app.command()
+def rloo(config: Config = None, set_: Sets = None, output_dir: RunDir = None, json_mode: Json = False,
+         resume: Resume = False, overwrite: Overwrite = False):
+    """RLOO: G responses per prompt, leave-one-out baselines, KL-penalised rewards, clipped per-response loss (reads grpo.*).
+
+    Example: tinyml rloo -c tiny_rloo -o runs/rloo --set grpo.beta=0.05
+    """
+    _train("rloo", _grpo("rloo"), config, set_, output_dir, json_mode, resume, overwrite, PREF_DEFAULTS)
+
+
+@app.command()
+def kto(config: Config = None, set_: Sets = None, output_dir: RunDir = None, json_mode: Json = False,
+        resume: Resume = False, overwrite: Overwrite = False):
+    """KTO on unpaired answers (prompt, completion, label; preference pairs are unpaired), frozen reference.
+
+    Example: tinyml kto -c tiny_kto -o runs/kto --set pref.beta=0.1
+    """
+    _train("kto", _kto, config, set_, output_dir, json_mode, resume, overwrite, PREF_DEFAULTS)
 
 
 @reward_app.command("score")

@@ -139,3 +139,13 @@ def setup_model(cfg: RunConfig):
         model.base_llm().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.base_llm().config.use_cache = False
     return model
+
+
+def reference_model(model):
+    """The frozen reference of a preference or RL stage, and the context to run it in: the policy with its adapters
+    disabled under a peft method (no second copy of the weights), else a frozen copy of the starting model."""
+    import contextlib
+    import copy
+    if model.peft_parts():
+        return model, model.adapters_disabled
+    return copy.deepcopy(model).requires_grad_(False).eval(), contextlib.nullcontext
