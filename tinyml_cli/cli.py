@@ -330,9 +330,9 @@ def data_validate(file: Path = typer.Argument(..., help="A data set: JSON / JSON
 @app.command()
 def demo(output_dir: Path = typer.Option(Path("runs/demo"), "--output-dir", "-o", help="Folder for everything the demo makes."),
          quick: bool = typer.Option(False, "--quick", help="Smoke test: a few steps of every stage (accuracy is meaningless)."),
-         full: bool = typer.Option(False, "--full", help="Add the later stages after sft: reward -> dpo -> ppo on hallucination pairs."),
+         full: bool = typer.Option(False, "--full", help="Add the later stages after sft: reward -> dpo -> mdpo -> ppo -> grpo on hallucination pairs, then export and BitDelta."),
          json_mode: Json = False):
-    """The whole pipeline on CPU in minutes: tiny default -> data -> pretrain-align -> sft -> eval (--full: -> reward -> dpo -> ppo).
+    """The whole pipeline on CPU in minutes: tiny default -> data -> pretrain-align -> sft -> eval (--full: -> reward -> dpo -> mdpo -> ppo -> grpo -> edge).
 
     Example: tinyml demo --json
     """
