@@ -128,7 +128,8 @@ class PrefConfig:
 
 @dataclass
 class PPOConfig:
-    reward: str = _f("exact_match", "exact_match (answer == chosen of the record) | a reward model folder")
+    reward: str = _f("exact_match", "a rule (exact_match: the response equals the record's reference answer; answer_tags; "
+                                    "format) or a reward model folder")
     rollouts: int = _f(20, "generate -> score -> update rounds")
     rollout_size: int = _f(64, "prompts sampled per rollout")
     epochs: int = _f(2, "passes over each rollout")
