@@ -178,13 +178,7 @@ def test_kto_hand_computed():
 
 
 def test_grpo_rloo_hand_computed():
-    from tinyml_cli.core.losses import (
-        group_advantages,
-        grpo_loss,
-        k3_kl,
-        leave_one_out_advantages,
-        rloo_loss,
-    )
+    from tinyml_cli.core.losses import group_advantages, grpo_loss, k3_kl, leave_one_out_advantages, rloo_loss
     # groups of 2: (1, 0) and (0, 1): mean 0.5, unbiased std 0.7071: advantages +-0.5 / (0.7071 + 1e-4)
     adv = group_advantages(T([1.0, 0.0, 0.0, 1.0]), 2)
     assert adv.tolist() == pytest.approx([0.5 / (math.sqrt(0.5) + 1e-4) * s for s in (1, -1, -1, 1)], rel=1e-6)

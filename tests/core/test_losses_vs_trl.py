@@ -14,7 +14,7 @@ import torch
 
 trl = pytest.importorskip("trl", reason="TRL 1.16 is the reference implementation: pip install -e '.[test]' (or .[bench])")
 
-from tinyml_cli.core import losses as L
+from tinyml_cli.core import losses as L  # noqa: E402 - after the importorskip
 
 B, T, G = 8, 7, 4
 

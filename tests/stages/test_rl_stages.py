@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from test_preference_stages import _run, _sets
 
 # The untrained tiny model never answers exactly, so exact_match alone would score every response 0 and leave no

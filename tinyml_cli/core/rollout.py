@@ -20,13 +20,14 @@ from .. import UserError
 @torch.no_grad()
 def sample(model, prompts: list, gen_collate, max_new_tokens: int, temperature: float, repeats: int = 1):
     """Sampled responses to each prompt (`repeats` per prompt, consecutive): (texts, examples of prompt + response
-    with labels on the response). Generation stops at the end-of-turn token, which stays in the response."""
+    with labels on the response). Generation stops at the end-of-turn token, which stays in the response. Each
+    prompt runs through the model once, however many answers it gets (`LMM.generate`'s repeats)."""
     from ..records.conversations import Example
     eos_id = model.tokenizer.eos_token_id
     rows = [p for p in prompts for _ in range(repeats)]
-    b = {k: v.to(model.device) for k, v in gen_collate([p.prompt for p in rows]).items()}
+    b = {k: v.to(model.device) for k, v in gen_collate([p.prompt for p in prompts]).items()}
     b.pop("labels")
-    new = model.generate(**b, max_new_tokens=max_new_tokens, temperature=temperature)
+    new = model.generate(**b, max_new_tokens=max_new_tokens, temperature=temperature, repeats=repeats)
     texts, examples = [], []
     for p, seq in zip(rows, new.tolist()):
         resp = seq[:seq.index(eos_id) + 1] if eos_id in seq else seq

@@ -43,11 +43,7 @@ class GroupRollouts(Rollouts):
     @torch.no_grad()
     def make(self, prompts, device):
         from ..core.logprobs import token_logps
-        from ..core.losses import (
-            group_advantages,
-            leave_one_out_advantages,
-            sequence_logps,
-        )
+        from ..core.losses import group_advantages, leave_one_out_advantages, sequence_logps
         from ..core.rollout import sample
         g, model, G = self.cfg.grpo, self.model, self.per_prompt
         model.eval()
