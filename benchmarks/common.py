@@ -273,6 +273,8 @@ def arguments(doc: str):
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--methods", default="lora,full")
+    p.add_argument("--num-generations", type=int, default=4, help="grpo: responses sampled per prompt (G)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="grpo: tokens generated per response")
     p.add_argument("--in-backward", choices=["on", "off"], default="on",
                    help="full fine-tuning: tinyml with train.optimizer_in_backward and neither side clipping (on), "
                         "or tinyml's ordinary optimizer step and both sides clipping at 1.0 (off)")
@@ -341,7 +343,8 @@ def compare(script: str, a) -> dict:
     say = reporter(a)
     shared = ["--work", a.work, "--batch-size", str(a.batch_size), "--max-length", str(a.max_length),
               "--lr", str(a.lr), "--warmup", str(a.warmup), "--threads", str(a.threads), "--in-backward", a.in_backward,
-              "--chunked-loss", a.chunked_loss]
+              "--chunked-loss", a.chunked_loss, "--num-generations", str(a.num_generations),
+              "--max-new-tokens", str(a.max_new_tokens)]
     methods = {}
     for method in a.methods.split(","):
         res = {"tinyml": {"runs": []}, "trl": {"runs": []}}

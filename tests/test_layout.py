@@ -113,7 +113,7 @@ def test_each_rule_fails_when_broken(tmp_path, module, line, rule):
 
 def test_every_training_stage_gets_its_model_from_the_one_trainable_setup():
     g = graph()
-    for stage in ("sft", "reward", "dpo", "ppo"):
+    for stage in ("sft", "reward", "dpo", "ppo", "grpo", "kto"):
         m = f"tinyml_cli.stages.{stage}"
         assert "tinyml_cli.core.trainable.setup_model" in imports_of(PKG / "stages" / f"{stage}.py"), stage
         assert not {"tinyml_cli.core.model.build_model"} & imports_of(PKG / "stages" / f"{stage}.py"), stage

@@ -110,6 +110,18 @@ def _halva(cfg, out, resume=False, progress=None, status=None):
     return run_halva(cfg, out, resume=resume, progress=progress)
 
 
+def _grpo(command):
+    def run(cfg, out, resume=False, progress=None, status=None):
+        from .stages.grpo import run_grpo
+        return run_grpo(cfg, out, command, resume=resume, progress=progress, status=status)
+    return run
+
+
+def _kto(cfg, out, resume=False, progress=None, status=None):
+    from .stages.kto import run_kto
+    return run_kto(cfg, out, resume=resume, progress=progress, status=status)
+
+
 def _reward(cfg, out, resume=False, progress=None, status=None):
     from .stages.reward import run_reward
     return run_reward(cfg, out, resume=resume, progress=progress, status=status)
@@ -157,9 +169,11 @@ def reward(ctx: typer.Context, config: Config = None, set_: TrainSets = None, ou
 @app.command()
 def dpo(config: Config = None, set_: TrainSets = None, output_dir: RunDir = None, json_mode: Json = False,
         resume: Resume = False, overwrite: Overwrite = False):
-    """Direct preference optimisation (pref.loss_type sigmoid = DPO, ipo = IPO; pref.label_smoothing > 0 = cDPO).
+    """Preference pairs: pref.loss_type sigmoid (DPO), ipo, simpo, orpo (no reference) or mdpo (image-conditional).
 
-    Example: tinyml dpo -c tiny_dpo -o runs/dpo --set pref.beta=0.1
+    pref.label_smoothing > 0 = cDPO, pref.rpo_alpha > 0 adds the chosen answer's NLL (RPO).
+
+    Example: tinyml dpo -c tiny_dpo -o runs/dpo --set pref.loss_type=mdpo
     """
     _train("dpo", _dpo, config, set_, output_dir, json_mode, resume, overwrite, PREF_DEFAULTS)
 
@@ -182,6 +196,36 @@ def halva(config: Config = None, set_: TrainSets = None, output_dir: RunDir = No
     Example: tinyml halva -c tiny_halva -o runs/halva
     """
     _train("halva", _halva, config, set_, output_dir, json_mode, resume, overwrite, PREF_DEFAULTS)
+
+
+@app.command()
+def grpo(config: Config = None, set_: TrainSets = None, output_dir: RunDir = None, json_mode: Json = False,
+         resume: Resume = False, overwrite: Overwrite = False):
+    """GRPO: G responses per prompt, rule / reward-model rewards, group-normalised advantages, clipped per-token loss + beta k3 KL.
+
+    Example: tinyml grpo -c tiny_grpo -o runs/grpo --set grpo.num_generations=8
+    """
+    _train("grpo", _grpo("grpo"), config, set_, output_dir, json_mode, resume, overwrite, PREF_DEFAULTS)
+
+
+@app.command()
+def rloo(config: Config = None, set_: TrainSets = None, output_dir: RunDir = None, json_mode: Json = False,
+         resume: Resume = False, overwrite: Overwrite = False):
+    """RLOO: G responses per prompt, leave-one-out baselines, KL-penalised rewards, clipped per-response loss (reads grpo.*).
+
+    Example: tinyml rloo -c tiny_rloo -o runs/rloo --set grpo.beta=0.05
+    """
+    _train("rloo", _grpo("rloo"), config, set_, output_dir, json_mode, resume, overwrite, PREF_DEFAULTS)
+
+
+@app.command()
+def kto(config: Config = None, set_: TrainSets = None, output_dir: RunDir = None, json_mode: Json = False,
+        resume: Resume = False, overwrite: Overwrite = False):
+    """KTO on unpaired answers (prompt, completion, label; preference pairs are unpaired), frozen reference.
+
+    Example: tinyml kto -c tiny_kto -o runs/kto --set pref.beta=0.1
+    """
+    _train("kto", _kto, config, set_, output_dir, json_mode, resume, overwrite, PREF_DEFAULTS)
 
 
 @reward_app.command("score")
@@ -413,10 +457,10 @@ def data_validate(file: Path = typer.Argument(..., metavar="DATA", help="A data 
 @app.command()
 def demo(output_dir: Path = typer.Option(Path("runs/demo"), "--output-dir", "-o", metavar="DIR", help="Folder for everything the demo makes."),
          quick: bool = typer.Option(False, "--quick", help="Smoke test: a few steps of every stage (accuracy is meaningless)."),
-         full: bool = typer.Option(False, "--full", help="Add the later stages after sft: reward -> dpo -> ppo on hallucination pairs."),
+         full: bool = typer.Option(False, "--full", help="Add the later stages after sft: reward -> dpo -> mdpo -> ppo -> grpo on hallucination pairs, then export and BitDelta."),
          seed: int = typer.Option(0, "--seed", help="Seed of the tiny default's pretraining, the synthetic data and every training run."),
          json_mode: Json = False):
-    """The whole pipeline on CPU in minutes: tiny default -> data -> pretrain-align -> sft -> eval (--full: -> reward -> dpo -> ppo).
+    """The whole pipeline on CPU in minutes: tiny default -> data -> pretrain-align -> sft -> eval (--full: -> reward -> dpo -> mdpo -> ppo -> grpo -> edge).
 
     Example: tinyml demo --json --seed 1
     """

@@ -140,20 +140,31 @@ class GenConfig:
 
 @dataclass
 class PrefConfig:
-    beta: float = _f(0.1, "dpo: strength of the pull towards the reference (higher: stay closer)")
-    loss_type: Literal["sigmoid", "ipo", "ipo_norm"] = _f(
+    beta: float = _f(0.1, "dpo / kto: strength of the pull towards the reference (higher: stay closer); simpo: the "
+                          "reward scale (paper: 2-2.5); orpo: the weight of the odds-ratio term (lambda)")
+    loss_type: Literal["sigmoid", "ipo", "ipo_norm", "simpo", "orpo", "mdpo"] = _f(
         "sigmoid", "dpo: sigmoid (DPO); ipo (IPO on summed response log-probs); ipo_norm (IPO on per-token mean "
-                   "log-probs, TRL's ipo: the 1/(2 beta) target then holds per token, not per response)")
-    label_smoothing: float = _f(0.0, "dpo: conservative DPO, the assumed share of flipped labels (0: plain DPO)")
-    rpo_alpha: float = _f(0.0, "dpo: weight of the chosen answer's per-token NLL added to the loss (RPO; 0: none)")
-    precompute_ref: bool = _f(True, "dpo: reference log-probs once before training (no reference model in memory)")
+                   "log-probs, TRL's ipo: the 1/(2 beta) target then holds per token, not per response); simpo / orpo "
+                   "(no reference model); mdpo (DPO + the chosen answer with the true image over a corrupted one + an "
+                   "anchored chosen reward); kto is its own command")
+    label_smoothing: float = _f(0.0, "dpo: conservative DPO / SimPO, the assumed share of flipped labels (0: none)")
+    rpo_alpha: float = _f(0.0, "dpo: weight of the chosen answer's per-token NLL added to the loss (RPO; for simpo "
+                               "TRL's cpo_alpha; 0: none)")
+    precompute_ref: bool = _f(True, "dpo / kto: reference log-probs once before training (no reference model in memory)")
+    simpo_gamma: float = _f(0.5, "simpo: the target margin gamma of beta x (avg log-prob chosen - rejected)")
+    mdpo_anchor: float = _f(0.0, "mdpo: the margin the chosen reward is kept above (delta; paper: 0)")
+    mdpo_crop: float = _f(0.2, "mdpo: the corrupted image is a random crop of at most this share of the image's area, "
+                               "resized back (paper: 0-20 %)")
+    desirable_weight: float = _f(1.0, "kto: weight of the desirable answers' loss (raise it when they are fewer)")
+    undesirable_weight: float = _f(1.0, "kto: weight of the undesirable answers' loss")
     halva_alpha: float = _f(0.5, "halva: weight of the token-wise KL to the reference on the rest of the correct answer")
     margin: float = _f(0.0, "reward: Bradley-Terry margin, -log sigmoid(r_chosen - r_rejected - margin)")
 
 
 @dataclass
 class PPOConfig:
-    reward: str = _f("exact_match", "exact_match (answer == chosen of the record) | a reward model folder")
+    reward: str = _f("exact_match", "a rule (exact_match: the response equals the record's reference answer; answer_tags; "
+                                    "format) or a reward model folder")
     rollouts: int = _f(20, "generate -> score -> update rounds")
     rollout_size: int = _f(64, "prompts sampled per rollout")
     epochs: int = _f(2, "passes over each rollout")
@@ -178,6 +189,31 @@ class BitDeltaConfig:
 
 
 @dataclass
+class GRPOConfig:
+    rewards: list[str] = _f(["exact_match"], "grpo / rloo: rewards summed per response: exact_match | answer_tags (the "
+                                             "<answer>...</answer> text) | format (grpo.format_pattern) | a reward model folder")
+    reward_weights: list[float] = _f([], "grpo / rloo: weight of each reward, in the order of grpo.rewards (empty: all 1)")
+    format_pattern: str = _f("", "grpo / rloo: the regular expression of the format reward, matched against the whole "
+                                 "response (empty: <think>...</think> then <answer>...</answer>)")
+    num_generations: int = _f(8, "grpo / rloo: G, the responses sampled per prompt (a group)")
+    prompts: int = _f(8, "grpo / rloo: prompts per rollout (a rollout holds prompts x num_generations responses)")
+    rollouts: int = _f(20, "grpo / rloo: sample -> score -> update rounds")
+    epochs: int = _f(1, "grpo / rloo: passes over each rollout (TRL's num_iterations; more reuse it off-policy, clipped)")
+    minibatch: int = _f(64, "grpo / rloo: responses per micro-batch")
+    temperature: float = _f(1.0, "grpo / rloo: sampling temperature (log-probs are those of the tempered policy)")
+    max_new_tokens: int = _f(32, "grpo / rloo: tokens generated per response (dr_grpo's constant normaliser)")
+    beta: float = _f(0.0, "grpo / rloo: weight of the KL to the reference (grpo: k3 per token in the loss; rloo: the "
+                          "summed log-ratio as a reward penalty); 0: no reference model is kept")
+    clip: float = _f(0.2, "grpo / rloo: the importance ratio is clipped below at 1 - clip")
+    clip_high: float = _f(0.2, "grpo / rloo: ... and above at 1 + clip_high (DAPO's clip-higher: 0.28)")
+    loss_type: Literal["dapo", "grpo", "dr_grpo"] = _f("dapo", "grpo: mean over response tokens (dapo), over responses "
+                                                               "of each one's token mean (grpo), or sum / (responses x max_new_tokens) (dr_grpo)")
+    scale_rewards: Literal["group", "batch", "none"] = _f("group", "grpo: advantages divided by the std of the group, of "
+                                                                   "the rollout, or not at all (none: Dr. GRPO)")
+    normalize_advantages: bool = _f(False, "rloo: whiten the leave-one-out advantages over the rollout")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -187,6 +223,7 @@ class RunConfig:
     pref: PrefConfig = field(default_factory=PrefConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     bitdelta: BitDeltaConfig = field(default_factory=BitDeltaConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -243,6 +280,11 @@ def _coerce(key: str, value, kind):
         if not isinstance(value, list):
             raise UserError(f"{key} must be a list, got {value!r}")
         valid = choices(key)
+        if typing.get_args(kind) and typing.get_args(kind)[0] is float:
+            try:
+                return [float(v) for v in value]
+            except (TypeError, ValueError):
+                raise UserError(f"{key} must be a list of numbers, got {value!r}") from None
         return [_choice(key, str(v), valid) if valid else str(v) for v in value]
     if kind is bool:
         if isinstance(value, bool):
@@ -278,7 +320,7 @@ def _set(cfg: RunConfig, key: str, value) -> None:
 
 def check(cfg: RunConfig) -> RunConfig:
     """Rules that tie keys together or bound a number, checked when the recipe loads (before any model does)."""
-    t, p, pref, ppo = cfg.train, cfg.peft, cfg.pref, cfg.ppo
+    t, p, pref, ppo, g = cfg.train, cfg.peft, cfg.pref, cfg.ppo, cfg.grpo
     if t.optimizer_in_backward:
         why = [need for bad, need in (
             (t.grad_accum != 1, "train.grad_accum=1 (gradients cannot add up over micro-batches; raise train.batch_size instead)"),
@@ -307,13 +349,26 @@ def check(cfg: RunConfig) -> RunConfig:
               ("peft.virtual_tokens", p.virtual_tokens >= 1, "at least 1"),
               ("peft.adapter_layers", p.adapter_layers >= 1, "at least 1"), ("peft.adapter_size", p.adapter_size >= 1, "at least 1"),
               ("pref.beta", pref.beta > 0, "> 0"), ("pref.label_smoothing", 0 <= pref.label_smoothing < 0.5, "in [0, 0.5)"),
-              ("pref.rpo_alpha", pref.rpo_alpha >= 0, ">= 0"), ("ppo.temperature", ppo.temperature > 0, "> 0 (rollouts are sampled)"),
+              ("pref.rpo_alpha", pref.rpo_alpha >= 0, ">= 0"), ("pref.mdpo_crop", 0 < pref.mdpo_crop < 1, "in (0, 1)"),
+              ("pref.desirable_weight", pref.desirable_weight > 0, "> 0"),
+              ("pref.undesirable_weight", pref.undesirable_weight > 0, "> 0"), ("ppo.temperature", ppo.temperature > 0, "> 0 (rollouts are sampled)"),
               ("ppo.rollouts", ppo.rollouts >= 1, "at least 1"), ("ppo.rollout_size", ppo.rollout_size >= 1, "at least 1"),
-              ("ppo.minibatch", ppo.minibatch >= 1, "at least 1"), ("ppo.epochs", ppo.epochs >= 1, "at least 1")]
+              ("ppo.minibatch", ppo.minibatch >= 1, "at least 1"), ("ppo.epochs", ppo.epochs >= 1, "at least 1"),
+              ("grpo.num_generations", g.num_generations >= 2, "at least 2 (advantages compare the samples of a prompt)"),
+              ("grpo.prompts", g.prompts >= 1, "at least 1"), ("grpo.rollouts", g.rollouts >= 1, "at least 1"),
+              ("grpo.epochs", g.epochs >= 1, "at least 1"), ("grpo.minibatch", g.minibatch >= 1, "at least 1"),
+              ("grpo.temperature", g.temperature > 0, "> 0 (rollouts are sampled)"),
+              ("grpo.max_new_tokens", g.max_new_tokens >= 1, "at least 1"), ("grpo.beta", g.beta >= 0, ">= 0"),
+              ("grpo.clip", 0 < g.clip < 1, "in (0, 1)"), ("grpo.clip_high", g.clip_high > 0, "> 0")]
     for key, ok, need in bounds:
         if not ok:
             section, name = key.split(".")
             raise UserError(f"{key} must be {need}, got {getattr(getattr(cfg, section), name)}")
+    if g.reward_weights and len(g.reward_weights) != len(g.rewards):
+        raise UserError(f"grpo.reward_weights has {len(g.reward_weights)} weights for {len(g.rewards)} rewards "
+                        f"({', '.join(g.rewards)})")
+    if not g.rewards:
+        raise UserError("grpo.rewards is empty: name exact_match, answer_tags, format or a reward model folder")
     return cfg
 
 

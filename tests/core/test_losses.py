@@ -148,3 +148,74 @@ def test_kl_entropy_and_adaptive_controller():
     assert c.value == pytest.approx(0.102)
     c.update(kl=0.0, n_steps=10)
     assert c.value == pytest.approx(0.102 * 0.98)
+
+
+# ------------------------------------------------------------------ mDPO, SimPO, ORPO, KTO, GRPO, RLOO by hand
+def test_mdpo_hand_computed():
+    from tinyml_cli.core.losses import mdpo_loss
+    # pi - ref: chosen 1, rejected -1, chosen with the corrupted image -2; beta 0.5
+    # DPO -log s(0.5 * 2) = 0.3132617; conditional -log s(0.5 * 3) = 0.2014133; anchor -log s(0.5) = 0.4740770
+    loss, rc, rr, rx = mdpo_loss(T([-1.0]), T([-3.0]), T([-4.0]), T([-2.0]), T([-2.0]), T([-2.0]), beta=0.5)
+    assert loss.item() == pytest.approx(0.3132617 + 0.2014133 + 0.4740770, rel=1e-6)
+    assert (rc.item(), rr.item(), rx.item()) == pytest.approx((0.5, -0.5, -1.0))
+    # an anchor margin of 0.5 turns the anchor term into -log s(0) = log 2
+    loss, *_ = mdpo_loss(T([-1.0]), T([-3.0]), T([-4.0]), T([-2.0]), T([-2.0]), T([-2.0]), beta=0.5, anchor=0.5)
+    assert loss.item() == pytest.approx(0.3132617 + 0.2014133 + math.log(2), rel=1e-6)
+    # at the reference every term is log 2; the gradient raises the chosen answer and lowers both rejected sides
+    pc, pr, px = (T([-2.0], requires_grad=True) for _ in range(3))
+    loss, *_ = mdpo_loss(pc, pr, px, T([-2.0]), T([-2.0]), T([-2.0]), beta=1.0)
+    loss.sum().backward()
+    assert loss.item() == pytest.approx(3 * math.log(2))
+    assert (pc.grad.item(), pr.grad.item(), px.grad.item()) == pytest.approx((-1.5, 0.5, 0.5))
+
+
+def test_simpo_orpo_hand_computed():
+    from tinyml_cli.core.losses import mean_logps, orpo_loss, simpo_loss
+    assert mean_logps(T([[-1.0, -3.0, -7.0]]), T([[1, 1, 0]])).item() == -2.0
+    # SimPO: beta (avg_w - avg_l) - gamma = 2 * 1 - 0.5 = 1.5: -log s(1.5) = 0.2014133
+    assert simpo_loss(T([-1.0]), T([-2.0]), beta=2.0, gamma=0.5)[0].item() == pytest.approx(0.2014133, rel=1e-6)
+    # ORPO: P_w = 1/2 (odds 1), P_l = 1/4 (odds 1/3): log s(log 3) = log 3/4; NLL log 2
+    loss, rc, _ = orpo_loss(T([math.log(0.5)]), T([math.log(0.25)]), beta=0.1)
+    assert loss.item() == pytest.approx(math.log(2) - 0.1 * math.log(0.75), rel=1e-6)
+    assert rc.item() == pytest.approx(0.1 * math.log(0.5))
+
+
+def test_kto_hand_computed():
+    from tinyml_cli.core.losses import kto_loss
+    # r = -1 - -2 = 1; reference point z0 = mean(-3 - -3.5) = 0.5; beta 1
+    loss, rewards, kl = kto_loss(T([-1.0, -1.0]), T([-2.0, -2.0]), torch.tensor([True, False]), T([-3.0]), T([-3.5]),
+                                 beta=1.0, desirable_weight=1.0, undesirable_weight=2.0)
+    s = 1 / (1 + math.exp(-0.5))
+    assert kl.item() == pytest.approx(0.5) and rewards.tolist() == [1.0, 1.0]
+    assert loss.tolist() == pytest.approx([1 - s, 2 * (1 - (1 - s))], rel=1e-6)  # desirable 1-s(0.5), 2 (1-s(-0.5))
+    # a negative KL estimate is clamped to 0
+    assert kto_loss(T([-1.0]), T([-1.0]), torch.tensor([True]), T([-5.0]), T([-1.0]))[2].item() == 0.0
+
+
+def test_grpo_rloo_hand_computed():
+    from tinyml_cli.core.losses import group_advantages, grpo_loss, k3_kl, leave_one_out_advantages, rloo_loss
+    # groups of 2: (1, 0) and (0, 1): mean 0.5, unbiased std 0.7071: advantages +-0.5 / (0.7071 + 1e-4)
+    adv = group_advantages(T([1.0, 0.0, 0.0, 1.0]), 2)
+    assert adv.tolist() == pytest.approx([0.5 / (math.sqrt(0.5) + 1e-4) * s for s in (1, -1, -1, 1)], rel=1e-6)
+    assert group_advantages(T([1.0, 0.0, 3.0, 3.0]), 2, "none").tolist() == [0.5, -0.5, 0.0, 0.0]
+    # leave-one-out, G = 3: baselines (0 + 0) / 2, (1 + 0) / 2, (1 + 0) / 2
+    assert leave_one_out_advantages(T([1.0, 0.0, 0.0]), 3).tolist() == pytest.approx([1.0, -0.5, -0.5])
+    # k3 at log ratio d = ref - logp = 1: e - 1 - 1 = 0.7182818; 0 where they agree
+    assert k3_kl(T([0.0, -1.0]), T([1.0, -1.0])).tolist() == pytest.approx([math.e - 2, 0.0])
+    # on-policy, advantage 1, one completion of 2 tokens out of 4 columns: per-token loss -1
+    lp, mask = T([[-1.0, -2.0, 0.0, 0.0]], requires_grad=True), T([[1, 1, 0, 0]])
+    for kind, want in (("grpo", -1.0), ("dapo", -1.0), ("dr_grpo", -2.0 / 4)):
+        loss, stats = grpo_loss(lp, lp.detach(), T([1.0]), mask, loss_type=kind, max_completion_length=4)
+        assert loss.item() == pytest.approx(want) and stats["clip_frac"].item() == 0.0
+    # sequence mean vs token mean: completions of 1 and 3 tokens, advantages +1 and -1
+    lp2, mask2 = torch.zeros(2, 3), T([[1, 0, 0], [1, 1, 1]])
+    assert grpo_loss(lp2, lp2, T([1.0, -1.0]), mask2, loss_type="grpo")[0].item() == pytest.approx(0.0)
+    assert grpo_loss(lp2, lp2, T([1.0, -1.0]), mask2, loss_type="dapo")[0].item() == pytest.approx((-1 + 3) / 4)
+    # a ratio of 2 with a positive advantage is clipped at 1.2: loss -1.2, gradient 0
+    lp3 = T([[math.log(2.0)]], requires_grad=True)
+    loss, stats = grpo_loss(lp3, T([[0.0]]), T([1.0]), T([[1]]))
+    loss.backward()
+    assert loss.item() == pytest.approx(-1.2) and lp3.grad.item() == 0.0 and stats["clip_frac"].item() == 1.0
+    # RLOO: sequence ratio e^(log 2) = 2 clipped to 1.2 for A > 0, unclipped (min) for A < 0: -(1.2 * 1 + 2 * -1) / 2
+    loss, frac = rloo_loss(T([math.log(2.0), math.log(2.0)]), T([0.0, 0.0]), T([1.0, -1.0]))
+    assert loss.item() == pytest.approx(-(1.2 - 2.0) / 2) and frac.item() == 0.5

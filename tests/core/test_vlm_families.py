@@ -177,11 +177,14 @@ def test_published_configs_estimate_with_exact_counts(name, params, image_tokens
 @pytest.mark.slow
 def test_every_command_runs_on_a_vlm(vlm_dir, shapes, prefs, tmp_path):
     """One dynamic-resolution family through the commands the per-family flow does not run: freeze by part, DoRA,
-    QLoRA (LLM-only 4-bit) and its merge over the dequantized base, exact resume, reward, ppo, bitdelta, eval."""
+    QLoRA (LLM-only 4-bit) and its merge over the dequantized base, exact resume, reward, ppo, grpo, kto, bitdelta,
+    eval."""
     from tinyml_cli.core.model import load_model
     from tinyml_cli.stages.bitdelta import compress_config, run_compress
     from tinyml_cli.stages.eval import run_eval
     from tinyml_cli.stages.merge import merge_run
+    from tinyml_cli.stages.grpo import run_grpo
+    from tinyml_cli.stages.kto import run_kto
     from tinyml_cli.stages.ppo import run_ppo
     from tinyml_cli.stages.reward import run_reward
     from tinyml_cli.stages.sft import run_sft
@@ -224,6 +227,14 @@ def test_every_command_runs_on_a_vlm(vlm_dir, shapes, prefs, tmp_path):
     pp = run_ppo(load_config(None, [*pref, "ppo.rollouts=2", "ppo.rollout_size=4", "ppo.minibatch=2", "ppo.epochs=1"]),
                  tmp_path / "ppo")["metrics"]
     assert pp["rollouts"] == 2 and pp["steps"] == 4
+    # grpo: G answers per prompt through generate's num_return_sequences (Qwen's flattened patches and grid sizes
+    # expanded by the family's own code), each micro-batch collated afresh from the records; kto on the same pairs
+    gr = run_grpo(load_config(None, [*pref, "grpo.rollouts=2", "grpo.prompts=2", "grpo.num_generations=2",
+                                     "grpo.minibatch=2", "grpo.max_new_tokens=4", "grpo.beta=0.04"]),
+                  tmp_path / "grpo")["metrics"]
+    assert gr["rollouts"] == 2 and gr["steps"] == 4 and gr["responses_per_rollout"] == 4
+    kt = run_kto(load_config(None, [*pref, "train.max_steps=2"]), tmp_path / "kto")["metrics"]
+    assert kt["answers"] > 0 and kt["steps"] == 2
 
     bd = run_compress(compress_config(None, [f"data.train={shapes / 'train.jsonl'}", f"data.eval={shapes / 'eval.jsonl'}",
                                              "train.max_steps=2"], tmp_path / "whole"),

@@ -142,13 +142,15 @@ def test_demo_quick_full_reports_the_preference_metrics(tmp_path):
     m = r["metrics"]
     for k in ["reward_accuracy", "pref_accuracy_sft", "pref_accuracy_dpo", "pope_fp_rate_sft", "pope_fp_rate_dpo",
               "ppo_score_first", "ppo_score_last", "ppo_kl_last", "pope_fp_rate_halva", "vqa_accuracy_halva",
-              "vqa_accuracy_dpo"]:
+              "vqa_accuracy_dpo", "grpo_score_first", "grpo_score_last", "pref_accuracy_mdpo", "pope_fp_rate_mdpo",
+              "mdpo_image_accuracy"]:
         assert isinstance(m[k], float), k
-    assert 0 <= m["pope_fp_rate_dpo"] <= 1 and {"reward", "dpo", "ppo"} <= set(m["stage_seconds"])
+    assert 0 <= m["pope_fp_rate_dpo"] <= 1 and {"reward", "dpo", "mdpo", "ppo", "grpo"} <= set(m["stage_seconds"])
     assert (tmp_path / "demo" / "ppo" / "value_head.safetensors").is_file()
 
 
-@pytest.mark.parametrize("command", ["reward", "reward score", "dpo", "ppo", "data synth-preferences"])
+@pytest.mark.parametrize("command", ["reward", "reward score", "dpo", "ppo", "grpo", "rloo", "kto",
+                                     "data synth-preferences"])
 def test_preference_commands_have_help_with_an_example(command):
     from test_cli import tinyml
     r = tinyml(*command.split(), "--help")

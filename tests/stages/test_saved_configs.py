@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -83,7 +84,7 @@ def test_training_stages_say_what_they_do_before_the_first_step(tiny_cfg, prefs,
     run_sft(cfg, tmp_path / "sft", "sft", progress=progress, status=said.append)
     assert said[0] == f"loading the model ({cfg.model.llm} + {cfg.model.vision})"
     assert said[1] == f"reading and encoding {cfg.data.train}"
-    n = sum(1 for line in open(cfg.data.train) if line.strip())
+    n = sum(1 for line in Path(cfg.data.train).read_text().splitlines() if line.strip())
     assert said[-3].startswith(f"{n:,} records encoded (") and said[-2:] == ["first step (decoding its images)", "step 1"]
     said.clear()
     run_sft(cfg, tmp_path / "sft", "sft", progress=progress, status=said.append)  # the same data again: the cache

@@ -20,7 +20,13 @@ from PIL import Image
 
 from tinyml_cli import IMAGE_TOKEN, UserError
 from tinyml_cli.records.conversations import ImageBytes
-from tinyml_cli.stages.serve import Limits, RequestError, bind, create_app, parse_chat_request
+from tinyml_cli.stages.serve import (
+    Limits,
+    RequestError,
+    bind,
+    create_app,
+    parse_chat_request,
+)
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -246,10 +252,9 @@ def test_concurrent_requests_get_their_own_answers_one_at_a_time():
 
 def test_a_full_queue_answers_503():
     bot = FakeBot(delay=0.2)
-    with serving(create_app(bot, "tiny", GEN, ".", Limits(max_queue=1))) as url:
-        with ThreadPoolExecutor(3) as pool:
-            codes = sorted(s for s, _ in pool.map(lambda i: post(url, {"messages": [{"role": "user", "content": "a b"}]}),
-                                                  range(3)))
+    with serving(create_app(bot, "tiny", GEN, ".", Limits(max_queue=1))) as url, ThreadPoolExecutor(3) as pool:
+        codes = sorted(s for s, _ in pool.map(lambda i: post(url, {"messages": [{"role": "user", "content": "a b"}]}),
+                                              range(3)))
     assert codes[0] == 200 and 503 in codes
 
 
@@ -346,7 +351,7 @@ def test_tinyml_serve_command(trained, shapes):
         assert busy.returncode == 2 and busy.stderr.strip().startswith(f"error: cannot listen on 127.0.0.1:{port}")
     finally:
         p.send_signal(signal.SIGTERM)
-        out, err = p.communicate(timeout=60)
+        _, err = p.communicate(timeout=60)
     # uvicorn shuts down gracefully, then re-raises the signal so that the exit status says what stopped it
     assert p.returncode in (0, -signal.SIGTERM) and "Traceback" not in err, err[-2000:]
     assert f"serving {trained.name} (torch) at http://127.0.0.1:{port}/v1" in " ".join(err.split())
@@ -355,10 +360,11 @@ def test_tinyml_serve_command(trained, shapes):
 def test_the_readme_openai_example_runs(trained, shapes, capsys):
     """README's "Chat and serve" example, run as written against a served model (only its URL and image change)."""
     import re
+
     from tinyml_cli.config import load_config
     from tinyml_cli.stages.serve import load_server
     readme = (Path(__file__).parents[2] / "README.md").read_text()
-    code = re.search(r"<!-- openai-example -->\n```python\n(.*?)```", readme, re.S).group(1)
+    code = re.search(r"<!-- openai-example -->\n```python\n(.*?)```", readme, re.DOTALL).group(1)
     assert 'base_url="http://127.0.0.1:8000/v1"' in code and "runs/shapes/images/003000.png" in code
     app, _, _ = load_server(trained, load_config(None, []))
     with serving(app) as url:

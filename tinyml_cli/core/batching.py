@@ -89,19 +89,39 @@ class Collator:
         return self.images([p for e in batch for p in e.images])
 
 
+def crop_resized(pixel_values: torch.Tensor, boxes: list) -> torch.Tensor:
+    """Each image cut to its box (top, left, height, width as fractions of the image) and resized back (bilinear):
+    mDPO's corrupted image. Works on processed pixels: cropping and resizing commute with the per-channel
+    normalisation, as both are affine."""
+    import torch.nn.functional as F
+    _, _, H, W = pixel_values.shape
+    out = []
+    for x, (top, left, h, w) in zip(pixel_values, boxes):
+        t, l_ = min(int(top * H), H - 1), min(int(left * W), W - 1)
+        h, w = max(1, min(round(h * H), H - t)), max(1, min(round(w * W), W - l_))
+        out.append(F.interpolate(x[None, :, t:t + h, l_:l_ + w], size=(H, W), mode="bilinear", align_corners=False)[0])
+    return torch.stack(out)
+
+
 class PreferenceCollator:
     """A batch of B pairs as 2B rows: the chosen sides first, then the rejected ones (one forward pass).
 
-    Pairs that carry reference log-probs (`meta["ref"] = (chosen, rejected)`) add `ref_logps` (2B,).
+    Pairs that carry a crop box (`meta["crop"]`, mDPO) add B rows: the chosen side again, with its image cropped
+    (`crop_resized`). Pairs that carry reference log-probs (`meta["ref"]`, one per side) add `ref_logps`.
     """
 
     def __init__(self, collate: Collator):
         self.collate = collate
 
     def __call__(self, pairs: list[Pair]) -> dict:
-        batch = self.collate([p.chosen for p in pairs] + [p.rejected for p in pairs])
+        crops = all("crop" in p.meta for p in pairs)
+        batch = self.collate([p.chosen for p in pairs] + [p.rejected for p in pairs] + ([p.chosen for p in pairs] if crops else []))
+        if crops:
+            n = len(pairs)
+            pix = batch["pixel_values"]
+            batch["pixel_values"] = torch.cat([pix[:2 * n], crop_resized(pix[:n], [p.meta["crop"] for p in pairs])])
         if all("ref" in p.meta for p in pairs):
-            batch["ref_logps"] = torch.tensor([p.meta["ref"][0] for p in pairs] + [p.meta["ref"][1] for p in pairs])
+            batch["ref_logps"] = torch.tensor([p.meta["ref"][k] for k in range(len(pairs[0].meta["ref"])) for p in pairs])
         return batch
 
 

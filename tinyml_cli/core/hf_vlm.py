@@ -441,8 +441,9 @@ class HFVLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens=16, temperature=0.0,
-                 top_p=1.0) -> torch.Tensor:
-        """New tokens for left-padded prompts (the model's own generate, image inputs included)."""
+                 top_p=1.0, repeats: int = 1) -> torch.Tensor:
+        """New tokens for left-padded prompts (the model's own generate, image inputs included); `repeats` answers
+        per prompt, rows prompt-major (generate's num_return_sequences expands each family's image inputs)."""
         tok = self.tokenizer
         eos = self.hf.generation_config.eos_token_id
         eos = list(dict.fromkeys(([eos] if isinstance(eos, int) else list(eos or [])) + [tok.eos_token_id]))
@@ -452,6 +453,8 @@ class HFVLM(nn.Module):
             kw.update(temperature=temperature, top_p=top_p, top_k=0)
         else:
             kw.update(temperature=None, top_p=None, top_k=None)
+        if repeats > 1:
+            kw["num_return_sequences"] = repeats
         out = self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, **dict(pixel_values or {}), **kw)
         return out[:, input_ids.shape[1]:]
 

@@ -39,25 +39,28 @@ def last_token_index(labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def policy_logps(model, pairs: list[Pair], collate, batch_size: int = 32) -> torch.Tensor:
-    """Summed response log-probs of every pair under a model: (N, 2) = (chosen, rejected)."""
+    """Summed response log-probs of every pair under a model: (N, 2) = (chosen, rejected), (N, 3) with mDPO's
+    chosen answer under the corrupted image last."""
     was = model.training
     model.eval()
     out = []
     for chunk, b in pair_batches(pairs, collate, batch_size, model.device):
         lp, mask = token_logps(model, b["input_ids"], b["attention_mask"], b["labels"], b.get("pixel_values"))
         s = (lp * mask).sum(-1).cpu()
-        out.append(torch.stack([s[:len(chunk)], s[len(chunk):]], -1))
+        out.append(s.view(-1, len(chunk)).T)
     model.train(was)
     return torch.cat(out)
 
 
 class TokenLogps(nn.Module):
-    """The model with `token_logps` as its forward, so that an objective on log-probs (dpo) trains through
-    `forward`: the call DDP synchronises gradients for."""
+    """The model with `token_logps` as its forward, so that an objective on log-probs (dpo, grpo) trains through
+    `forward`: the call DDP synchronises gradients for. With `entropy`, forward returns (logps, mask, entropy)."""
 
-    def __init__(self, lmm):
+    def __init__(self, lmm, temperature: float = 1.0, entropy: bool = False):
         super().__init__()
-        self.lmm = lmm
+        self.lmm, self.temperature, self.entropy = lmm, temperature, entropy
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None, **_):
-        return token_logps(self.lmm, input_ids, attention_mask, labels, pixel_values)
+        out = token_logps(self.lmm, input_ids, attention_mask, labels, pixel_values, with_entropy=self.entropy,
+                          temperature=self.temperature)
+        return out[:3]

@@ -235,9 +235,13 @@ class LMM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens=16, temperature=0.0,
-                 top_p=1.0, streamer=None) -> torch.Tensor:
+                 top_p=1.0, streamer=None, repeats: int = 1) -> torch.Tensor:
         """New tokens for left-padded prompts (HF generate over our input embeddings); a `streamer` (transformers'
-        put / end protocol) is handed each step's tokens as they are decoded."""
+        put / end protocol) is handed each step's tokens as they are decoded.
+
+        With `repeats` > 1 each prompt is answered that many times (rows prompt-major, as GRPO's groups): the
+        prompt is encoded and run through the LLM once, and its KV cache repeated, instead of once per answer.
+        """
         emb = self.embed(input_ids, pixel_values)
         tok = self.tokenizer
         # The image placeholder is input only: a sampled one would be read as an image slot in the next forward.
@@ -249,8 +253,18 @@ class LMM(nn.Module):
             kw.update(temperature=None, top_p=None, top_k=None)
         from .prompt_learning import num_virtual_tokens, with_virtual_tokens
         if num_virtual_tokens(self.llm):  # peft's generate takes no inputs_embeds: prepend its prompt here
+            emb, attention_mask = emb.repeat_interleave(repeats, 0), attention_mask.repeat_interleave(repeats, 0)
             emb, attention_mask, extra, _ = with_virtual_tokens(self.llm, emb, attention_mask, generating=True)
             return self.base_llm().generate(inputs_embeds=emb, attention_mask=attention_mask, **kw, **extra)
+        if repeats > 1:
+            # All but the last prompt position go through the LLM once per prompt; generate then runs the last
+            # position and the answers over the repeated cache. Positions follow the left padding, as generate's.
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            cache = self.llm(inputs_embeds=emb[:, :-1], attention_mask=attention_mask[:, :-1],
+                             position_ids=positions[:, :-1], use_cache=True).past_key_values
+            cache.batch_repeat_interleave(repeats)
+            kw["cache"] = cache
+            emb, attention_mask = emb.repeat_interleave(repeats, 0), attention_mask.repeat_interleave(repeats, 0)
         return self.llm.generate(inputs_embeds=emb, attention_mask=attention_mask, **kw)
 
     # ------------------------------------------------------------------------------------------ save/load

@@ -158,3 +158,13 @@ def setup_model(cfg: RunConfig, dropout: str = "on", build=None):
 def model_source(cfg: RunConfig) -> str:
     """What setup_model loads, in words (for the status line before training)."""
     return cfg.model.init_from or f"{cfg.model.llm} + {cfg.model.vision}"
+
+
+def reference_model(model):
+    """The frozen reference of a preference or RL stage, and the context to run it in: the policy with its adapters
+    disabled under a peft method (no second copy of the weights), else a frozen copy of the starting model."""
+    import contextlib
+    import copy
+    if model.peft_parts():
+        return model, model.adapters_disabled
+    return copy.deepcopy(model).requires_grad_(False).eval(), contextlib.nullcontext

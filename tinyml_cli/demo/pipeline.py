@@ -158,15 +158,17 @@ def _pope_fp_rate(folder: Path, probe: str, cfg) -> float:
 
 
 def run_preference_stages(out: Path, sft_dir: Path, con, quick: bool = False, seed: int = 0) -> tuple[dict, dict, dict]:
-    """(metrics, seconds per stage, artifacts) of synth-preferences -> reward -> dpo -> ppo from an sft folder."""
+    """(metrics, seconds per stage, artifacts) of synth-preferences -> reward -> dpo -> mdpo -> ppo -> grpo from an
+    sft folder."""
     import time
 
     from ..stages.dpo import run_dpo
+    from ..stages.grpo import run_grpo
     from ..stages.ppo import run_ppo
     from ..stages.reward import run_reward
     from .synth import synth_preferences
 
-    for sub in ("prefs", "reward", "dpo", "ppo"):
+    for sub in ("prefs", "reward", "dpo", "mdpo", "ppo", "grpo"):
         shutil.rmtree(out / sub, ignore_errors=True)
     seconds, t = {}, time.time()
     files = synth_preferences(out / "prefs", n=24 if quick else N_PAIRS, n_eval=8 if quick else N_PAIRS_EVAL,
@@ -189,19 +191,43 @@ def run_preference_stages(out: Path, sft_dir: Path, con, quick: bool = False, se
     fp_dpo = _pope_fp_rate(out / "dpo", files["pope_probe"], dpo_cfg)
     seconds["dpo"] = time.time() - t
 
+    t = time.time()  # mDPO: the same recipe as dpo, plus the image-conditional and anchor terms
+    mdpo_cfg = load_config("tiny_mdpo", common + short)
+    with ui.training_bar(con, "mdpo") as bar:
+        mdpo = run_dpo(mdpo_cfg, out / "mdpo", progress=bar, status=bar.status)
+    fp_mdpo = _pope_fp_rate(out / "mdpo", files["pope_probe"], mdpo_cfg)
+    seconds["mdpo"] = time.time() - t
+
     t = time.time()
     ppo_cfg = load_config("tiny_ppo", common + (["ppo.rollouts=2", "ppo.rollout_size=8", "ppo.minibatch=4"] if quick else []))
     with ui.training_bar(con, "ppo") as bar:
         ppo = run_ppo(ppo_cfg, out / "ppo", progress=bar, status=bar.status)
     seconds["ppo"] = time.time() - t
 
-    d, p = dpo["metrics"], ppo["metrics"]
+    t = time.time()
+    grpo_cfg = load_config("tiny_grpo", common + (["grpo.rollouts=2", "grpo.prompts=2", "grpo.num_generations=4",
+                                                   "grpo.minibatch=8"] if quick else []))
+    with ui.training_bar(con, "grpo") as bar:
+        grpo = run_grpo(grpo_cfg, out / "grpo", progress=bar, status=bar.status)
+    seconds["grpo"] = time.time() - t
+
+    d, p, md, g = dpo["metrics"], ppo["metrics"], mdpo["metrics"], grpo["metrics"]
     metrics = {"reward_accuracy": reward["metrics"]["eval_accuracy"], "reward_margin": reward["metrics"]["eval_margin"],
                "pref_accuracy_sft": d["eval_pref_accuracy_before"], "pref_accuracy_dpo": d["eval_pref_accuracy"],
                "dpo_rewards_margin": d["eval_rewards_margin"], "pope_fp_rate_sft": fp_sft, "pope_fp_rate_dpo": fp_dpo,
                "ppo_score_first": p["score_first"], "ppo_score_last": p["score_last"], "ppo_kl_last": p["kl_last"],
-               "ppo_kl_max": p["kl_max"]}
-    artifacts = {"prefs": str(out / "prefs"), "reward": str(out / "reward"), "dpo": str(out / "dpo"), "ppo": str(out / "ppo")}
+               "ppo_kl_max": p["kl_max"],
+               # mDPO on the same pairs and probe as DPO; image accuracy: the chosen answer likelier with its image
+               # than with the corrupted one (held-out pairs)
+               "pref_accuracy_mdpo": md["eval_pref_accuracy"], "pope_fp_rate_mdpo": fp_mdpo,
+               "mdpo_rewards_margin": md["eval_rewards_margin"],
+               "mdpo_image_accuracy_sft": md["eval_image_accuracy_before"],
+               "mdpo_image_accuracy": md["eval_image_accuracy"],
+               # GRPO's exact-match reward, first and last quarter of the rollouts (as ppo's)
+               "grpo_score_first": g["score_first"], "grpo_score_last": g["score_last"],
+               "grpo_kl_last": g.get("kl_last")}
+    artifacts = {"prefs": str(out / "prefs"), "reward": str(out / "reward"), "dpo": str(out / "dpo"),
+                 "mdpo": str(out / "mdpo"), "ppo": str(out / "ppo"), "grpo": str(out / "grpo")}
     return metrics, seconds, artifacts
 
 

@@ -1,7 +1,11 @@
-"""Scoring of generated answers: exact-match VQA accuracy (overall and per question type) and POPE metrics.
+"""Scoring of generated answers: exact-match VQA accuracy (overall and per question type), POPE metrics, and
+the rule rewards of the online methods.
 
 POPE (Li et al. 2023, arXiv 2305.10355) asks yes/no questions about objects, half of them absent; its
 metrics treat "yes" as the positive class, so precision falls when the model hallucinates objects.
+Rule rewards (verifiable rewards, as in R1-V / VLM-R1 and TRL's GRPO examples), each 0 or 1:
+`exact_match` (the response equals the reference answer, normalised), `answer_tags` (the text inside
+`<answer>...</answer>` equals it), `format` (the whole response matches a regular expression).
 """
 
 
@@ -15,6 +19,27 @@ from .. import UserError
 
 def normalize(text: str) -> str:
     return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
+
+
+# R1-style reasoning then answer; the whole response must match (re.fullmatch, DOTALL)
+DEFAULT_FORMAT = r"<think>.*?</think>\s*<answer>.*?</answer>"
+
+
+def exact_match(text: str, answer: str | None, pattern: str = "") -> float:
+    return float(normalize(text) == normalize(answer or ""))
+
+
+def answer_tags(text: str, answer: str | None, pattern: str = "") -> float:
+    found = re.search(r"<answer>(.*?)</answer>", text, re.DOTALL)
+    return float(found is not None and normalize(found.group(1)) == normalize(answer or ""))
+
+
+def format_match(text: str, answer: str | None = None, pattern: str = "") -> float:
+    return float(re.fullmatch(pattern or DEFAULT_FORMAT, text.strip(), re.DOTALL) is not None)
+
+
+RULES = {"exact_match": exact_match, "answer_tags": answer_tags, "format": format_match}
+NEEDS_ANSWER = ("exact_match", "answer_tags")
 
 
 def pope_metrics(preds: list[str], golds: list[str]) -> dict:

@@ -11,15 +11,13 @@ small-scale PPO set-ups) rather than a separate model; the reference is a frozen
 the policy with adapters disabled under a peft method.
 Rollouts are sampled at `ppo.temperature`, and every log-prob (old, new, reference) is of that tempered
 distribution, so the ratios and the KL are those of the policy that produced the samples.
-Rule scorer `exact_match`: 1 when the answer equals the record's `chosen` answer (shapes data), else 0.
+Prompts are read as grpo reads them (records/preferences.prompt_record): a prompt and an image, with a reference
+answer for the rule scorer `exact_match` (1 when the response equals it, else 0), or any record layout that
+holds one (a preference record's chosen answer, an sft conversation's last answer).
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import math
-import random
 import time
 from pathlib import Path
 
@@ -27,83 +25,32 @@ import torch
 
 from .. import UserError
 from ..config import RunConfig, save_config
+from ..core.rollout import Rollouts
 
 BUFFER = ("old_lp", "old_values", "mask", "adv", "returns")  # per response token, at the rollout's padded length
 
 
-def make_scorer(cfg: RunConfig, collate):
-    """(pairs, response texts, response examples, device) -> scores (N,). A reward model is loaded here, once,
-    before training: loading it later would draw from the random state a resumed run restores."""
-    from ..records.scoring import normalize
-    if cfg.ppo.reward == "exact_match":
-        def score(pairs, texts, examples, device):
-            return torch.tensor([float(normalize(t) == normalize(p.meta["answer"])) for p, t in zip(pairs, texts)])
-        return score
-    from ..core.reward_model import load_reward_model
-    rm = load_reward_model(cfg.ppo.reward)
+class PPORollouts(Rollouts):
+    """PPO's rollouts: sample, score, KL-penalised rewards, GAE, whitened advantages. The KL controller's value
+    goes into checkpoints beside the shared state."""
 
-    @torch.no_grad()
-    def score(pairs, texts, examples, device):
-        b = {k: v.to(device) for k, v in collate(examples).items()}
-        return rm.to(device)(**b).cpu()
-    return score
-
-
-def response_example(pair, resp: list[int]):
-    """The pair's prompt followed by a sampled response, labelled on the response."""
-    from ..records.conversations import Example
-    return Example(pair.prompt.input_ids + resp, [-100] * len(pair.prompt.input_ids) + resp, pair.prompt.images)
-
-
-@torch.no_grad()
-def sample(model, pairs, cfg, gen_collate):
-    """Sampled responses: (texts, response token lists)."""
-    eos_id = model.tokenizer.eos_token_id
-    b = {k: v.to(model.device) for k, v in gen_collate([p.prompt for p in pairs]).items()}
-    b.pop("labels")
-    new = model.generate(**b, max_new_tokens=cfg.ppo.max_new_tokens, temperature=cfg.ppo.temperature)
-    texts, responses = [], []
-    for seq in new.tolist():
-        resp = seq[:seq.index(eos_id) + 1] if eos_id in seq else seq
-        texts.append(model.tokenizer.decode(resp, skip_special_tokens=True).strip())
-        responses.append(resp)
-    return texts, responses
-
-
-class Rollouts:
-    """PPO's batch source. A rollout: sample, score, KL-penalised rewards, GAE, whitened advantages; then its
-    micro-batches. State (prompt sampler, KL controller, the rollout in progress, history) goes into checkpoints."""
-
-    def __init__(self, pairs, cfg: RunConfig, critic, ref, ref_ctx, collate, gen_collate):
+    def __init__(self, prompts, cfg: RunConfig, critic, ref, ref_ctx, collate, gen_collate, scorer):
         from ..core.losses import AdaptiveKLController
         pc = cfg.ppo
-        self.pairs, self.cfg, self.critic, self.ref, self.ref_ctx = pairs, cfg, critic, ref, ref_ctx
-        self.collate, self.gen_collate = collate, gen_collate
-        self.score = make_scorer(cfg, collate)
-        self.size = min(pc.rollout_size, len(pairs))
+        super().__init__(prompts, pc.rollout_size, 1, pc.rollouts, pc.epochs, pc.minibatch, cfg.train.seed, "ppo")
+        self.cfg, self.critic, self.ref, self.ref_ctx = cfg, critic, ref, ref_ctx
+        self.collate, self.gen_collate, self.score = collate, gen_collate, scorer
         self.kl_ctl = AdaptiveKLController(pc.kl_ctl, pc.kl_target, pc.kl_horizon)
-        # a rollout: its responses as (pair index, response tokens), so that each minibatch is collated afresh from
-        # its records (image tensors of any family, any number of images), and the per-token buffers
-        self.rng, self.rows, self.buffer, self.queue, self.history = None, [], {}, [], []
-
-    def steps(self, tcfg, world: int) -> int:
-        per_rollout = self.cfg.ppo.epochs * math.ceil(self.size / self.cfg.ppo.minibatch)
-        if per_rollout % tcfg.grad_accum:
-            raise UserError(f"ppo: a rollout has {per_rollout} micro-batches (ppo.epochs x minibatches of "
-                            f"{self.size} responses), not a multiple of train.grad_accum={tcfg.grad_accum}")
-        return self.cfg.ppo.rollouts * per_rollout // tcfg.grad_accum
 
     @torch.no_grad()
-    def _rollout(self, device) -> None:
+    def make(self, prompts, device):
         from ..core.logprobs import token_logps
         from ..core.losses import approx_kl, gae, masked_whiten, token_rewards
+        from ..core.rollout import sample
         pc, model = self.cfg.ppo, self.critic.lmm
-        chosen = self.rng.sample(range(len(self.pairs)), self.size)
-        pairs = [self.pairs[i] for i in chosen]
         model.eval()
-        texts, responses = sample(model, pairs, self.cfg, self.gen_collate)
-        examples = [response_example(p, r) for p, r in zip(pairs, responses)]
-        scores = self.score(pairs, texts, examples, device).float()
+        texts, examples = sample(model, prompts, self.gen_collate, pc.max_new_tokens, pc.temperature)
+        scores = self.score(prompts, texts, examples, device)[0].float()
         b = {k: v.to(device) for k, v in self.collate(examples).items()}
         args = (b["input_ids"], b["attention_mask"], b["labels"], b.get("pixel_values"))
         old_lp, mask, _, hidden = token_logps(model, *args, with_entropy=True, temperature=pc.temperature)
@@ -116,37 +63,18 @@ class Rollouts:
         adv, returns = gae(rewards, old_values, mask, pc.gamma, pc.lam)
         adv = masked_whiten(adv, mask)
         kl = approx_kl(old_lp, ref_lp, mask).item()
-        self.history.append({"rollout": len(self.history) + 1, "score": scores.mean().item(), "kl": kl,
-                             "kl_ctl": self.kl_ctl.value, "response_tokens": mask.sum(-1).float().mean().item()})
+        row = {"score": scores.mean().item(), "kl": kl, "kl_ctl": self.kl_ctl.value,
+               "response_tokens": mask.sum(-1).float().mean().item()}
         if pc.adaptive_kl:
             self.kl_ctl.update(kl, len(examples))
-        self.rows = [[i, r] for i, r in zip(chosen, responses)]
-        self.buffer = {k: v.detach().cpu() for k, v in zip(BUFFER, (old_lp, old_values, mask, adv, returns))}
-        self.queue = [order[s:s + pc.minibatch] for _ in range(pc.epochs)
-                      for order in [torch.randperm(len(examples)).tolist()]
-                      for s in range(0, len(order), pc.minibatch)]
-
-    def batches(self, acc, tcfg, model):
-        if self.rng is None:  # a fresh run (a resumed one has its sampler back from the checkpoint)
-            self.rng = random.Random(self.cfg.train.seed + 7919 * acc.process_index)
-        while True:
-            if not self.queue:
-                self._rollout(acc.device)
-            idx = self.queue.pop(0)
-            batch = self.collate([response_example(self.pairs[self.rows[i][0]], self.rows[i][1]) for i in idx])
-            n = batch["input_ids"].shape[1] - 1  # right padding: the rollout's positions, less its extra padding
-            yield self.history[-1], {**batch, **{k: v[torch.tensor(idx)][:, :n] for k, v in self.buffer.items()}}
+        return examples, dict(zip(BUFFER, (old_lp, old_values, mask, adv, returns))), row
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.getstate(), "kl_ctl": self.kl_ctl.value, "rows": self.rows, "buffer": self.buffer,
-                "queue": self.queue, "history": self.history}
+        return {**super().state_dict(), "kl_ctl": self.kl_ctl.value}
 
     def load_state_dict(self, state: dict) -> None:
-        self.rng = random.Random()
-        self.rng.setstate(state["rng"])
-        self.rows = state["rows"]
-        self.kl_ctl.value, self.buffer, self.queue, self.history = (state["kl_ctl"], state["buffer"], state["queue"],
-                                                                    state["history"])
+        super().load_state_dict(state)
+        self.kl_ctl.value = state["kl_ctl"]
 
 
 def ppo_step(pc):
@@ -171,35 +99,32 @@ def run_ppo(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress=
     from ..core.loop import process_state, train
     from ..core.model import count_params
     from ..core.reward_model import ActorCritic, ScalarHead
-    from ..core.trainable import model_source, setup_model
-    from ..records.encoder import encoder_for
-    from ..records.preferences import load_pairs
+    from ..core.rollout import Scorer, load_online_prompts
+    from ..core.trainable import model_source, reference_model, setup_model
 
     t0 = time.time()
     pc = cfg.ppo
     status = status or (lambda text: None)
     out = Path(out_dir)
     if not cfg.data.train:
-        raise UserError("data.train is not set (preference records; their prompts are the rollout prompts)")
+        raise UserError("data.train is not set (prompt records: a prompt, an image and a reference answer)")
     status(f"loading the model ({model_source(cfg)})")
     model = setup_model(cfg, dropout="off")
     critic = ScalarHead(model, init_std=0.0)  # values start at 0
     critic.head.requires_grad_(True)
-    status(f"reading and encoding {cfg.data.train}")
-    pairs, _ = load_pairs(cfg.data.train, encoder_for(model, cfg.data), cfg.data.on_error, cfg.data.columns)
     collate, gen_collate = model.collator(), model.collator(left_pad=True)
-    if model.peft_parts():
-        ref, ref_ctx = model, model.adapters_disabled
-    else:
-        ref, ref_ctx = copy.deepcopy(model).requires_grad_(False).eval(), contextlib.nullcontext
-    if pc.reward != "exact_match":
+    if pc.reward not in ("exact_match", "answer_tags", "format"):
         status(f"loading the reward model ({pc.reward})")
-    rollouts = Rollouts(pairs, cfg, critic, ref, ref_ctx, collate, gen_collate)
+    scorer = Scorer([pc.reward], [], collate)
+    status(f"reading and encoding {cfg.data.train}")
+    prompts = load_online_prompts(cfg.data, model, scorer, "ppo")
+    ref, ref_ctx = reference_model(model)
+    rollouts = PPORollouts(prompts, cfg, critic, ref, ref_ctx, collate, gen_collate, scorer)
     main_process = process_state().is_main_process  # with several processes, one writes the outputs
     if main_process:
         out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails before this leaves no folder
         save_config(cfg, out, {"command": "ppo"})
-    status(f"{len(pairs):,} prompts; first rollout (sampling {rollouts.size} responses, scoring them)")
+    status(f"{len(prompts):,} prompts; first rollout (sampling {rollouts.rows} responses, scoring them)")
     trainable, total = count_params(critic)
     stats = train(ActorCritic(critic, pc.temperature), rollouts, ppo_step(pc), cfg.train, out, resume=resume,
                   progress=progress)
@@ -209,8 +134,7 @@ def run_ppo(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress=
                   str(out / "value_head.safetensors"))
     history = rollouts.history
     # One rollout's mean score is noisy (a few dozen samples): the first and last quarter of the rollouts are averaged.
-    k = max(1, len(history) // 4)
-    first, last = (sum(h["score"] for h in hs) / len(hs) for hs in (history[:k], history[-k:]))
+    first, last, k = rollouts.window()
     metrics = {"rollouts": len(history), "score_first": first, "score_last": last, "score_window": k,
                "kl_last": history[-1]["kl"], "kl_max": max(h["kl"] for h in history),
                "clip_frac_last": stats["clip_frac"], "vf_loss_last": stats["vf_loss"],
