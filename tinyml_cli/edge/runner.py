@@ -83,7 +83,10 @@ class ChatTokenizer:
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False) -> str:
         return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
 
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+    def __call__(self, text: str | list[str], add_special_tokens: bool = False) -> dict:
+        """Token ids of a text, or of each text of a list (as a transformers tokenizer's call)."""
+        if isinstance(text, list):
+            return {"input_ids": [e.ids for e in self.tok.encode_batch(text, add_special_tokens=add_special_tokens)]}
         return {"input_ids": self.tok.encode(text, add_special_tokens=add_special_tokens).ids}
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
