@@ -480,10 +480,12 @@ def bitdelta_apply(base: Path = typer.Argument(..., metavar="BASE", help="The ba
 @app.command()
 def export(model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="A trained tinyml model folder (LoRA adapters are merged first)."),
            output_arg: _out_arg("Folder for the export") = None, output_dir: OutDir = None,
-           format: str = typer.Option("onnx", "--format", "-f", help="onnx (for onnxruntime) | hf-llava (transformers LlavaForConditionalGeneration)."),
+           format: str = typer.Option("onnx", "--format", "-f", help="onnx (for onnxruntime) | gguf (llama.cpp: LLM + mmproj) | hf-llava (transformers LlavaForConditionalGeneration)."),
            dtype: str = typer.Option("fp32", "--dtype", help="ONNX weights and activations: fp32 | fp16."),
+           gguf_type: str = typer.Option("f16", "--gguf-type", help="GGUF LLM weights: f32 | f16 | q8_0 | q4_0 (the mmproj: f32 at f32, else f16)."),
            overwrite: Overwrite = False, json_mode: Json = False):
-    """Export a trained model: ONNX graphs (vision+connector, embeddings, KV-cache decoder) or a LLaVA checkpoint.
+    """Export a trained model: ONNX graphs (vision+connector, embeddings, KV-cache decoder), GGUF for llama.cpp
+    (model.gguf + mmproj.gguf) or a LLaVA checkpoint.
 
     A folder that already holds files is refused without --overwrite.
 
@@ -492,7 +494,8 @@ def export(model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="A tr
     from . import ui
     from .stages.export import run_export
     out = _output(output_arg, output_dir)
-    ui.emit(run_export(model_dir, out, format, dtype, overwrite, before_work=ui.quiet_libraries), json_mode)
+    ui.emit(run_export(model_dir, out, format, dtype, overwrite, before_work=ui.quiet_libraries, gguf_type=gguf_type),
+            json_mode)
 
 
 @app.command()
