@@ -260,7 +260,10 @@ def write_mmproj_gguf(model, path: Path, kind: str, name: str) -> None:
 def export_gguf(model_dir: str | Path, out: str | Path, kind: str = "f16") -> dict:
     """Write model.gguf and mmproj.gguf into `out`; returns their sizes in bytes. The mmproj stays f32 at f32 and
     f16 otherwise (clip.cpp's usual precision: the tower is small, and its error reaches every image token)."""
+    import logging
+
     from .export import load_merged
+    logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)  # it logs every file it writes at INFO
     if kind not in GGUF_TYPES:
         raise UserError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got '{kind}'")
     check_gguf_exportable(model_dir)
