@@ -6,12 +6,20 @@ small LLM the embedding and lm_head are a large share of the weights. Blocks of 
 share one fp32 scale (and a 4-bit zero point unless symmetric). `accuracy_level` is MatMulNBits' compute type:
 4 (the default, as onnxruntime-genai's CPU models) multiplies int8-quantized activations with the int4 weights,
 0 computes in fp32 on dequantized weights; 4 decodes ~1.4x faster on a CPU (benchmarks/decode.py).
+
+`algorithm` picks how the 4-bit values are chosen (benchmarks/int4_quality.py compares them on real weights):
+`rtn` rounds each block to its nearest levels (min/max scale and zero point); `hqq` (Half-Quadratic
+Quantization) optimizes each block's scale and zero point for the weight error, without data; `gptq` quantizes the
+decoder's columns one at a time and corrects the remaining ones for the error, using the Hessian of the layer's
+inputs gathered on calibration records (the vision and embedding graphs stay RTN).
 """
 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import shutil
 from pathlib import Path
 
@@ -27,15 +35,52 @@ def copy_runner_files(src: str | Path, dst: str | Path) -> None:
             shutil.copy2(f, Path(dst) / f.name)
 
 
+ALGORITHMS = ("rtn", "hqq", "gptq")
+
+
+class _Feeds:
+    """onnxruntime's CalibrationDataReader protocol over a list of decoder input dicts (its GPTQ iterates it)."""
+
+    def __init__(self, feeds: list[dict]):
+        self.feeds = feeds
+
+    def __iter__(self):
+        return iter(self.feeds)
+
+    def get_next(self):
+        return self.feeds.pop(0) if self.feeds else None
+
+
+def _quantizer(model, part: str, block_size: int, symmetric: bool, accuracy_level: int, algorithm: str,
+               calibration):
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        GPTQWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+    # Only the embedding graph's Gather is a weight lookup; int4 Gather also needs opset 21, which the other
+    # graphs (exported at opset 17) would not be valid under.
+    ops = ("Gather",) if part == "embed" else ("MatMul",)
+    algo = None
+    if algorithm == "hqq" and part != "embed":
+        algo = HQQWeightOnlyQuantConfig(block_size=block_size, bits=4, op_types_to_quantize=ops)
+    elif algorithm == "gptq" and part == "decoder":
+        algo = GPTQWeightOnlyQuantConfig(calibration_data_reader=_Feeds(calibration), op_types_to_quantize=ops)
+    return MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
+                                accuracy_level=accuracy_level or None, op_types_to_quantize=ops,
+                                quant_axes=(("MatMul", 0), ("Gather", 1)), algo_config=algo)
+
+
 def quantize_onnx(src: str | Path, out: str | Path, block_size: int = 32, symmetric: bool = False,
-                  embeddings: bool = True, accuracy_level: int = 4) -> dict:
-    """Write an int4 copy of an ONNX export; returns the sizes before and after and their ratio."""
+                  embeddings: bool = True, accuracy_level: int = 4, algorithm: str = "rtn",
+                  calibration: list[dict] | None = None) -> dict:
+    """Write an int4 copy of an ONNX export; returns the sizes before and after and their ratio. `gptq` needs
+    `calibration`: decoder input dicts (inputs_embeds, attention_mask, position_ids and an empty cache)."""
     import logging
     import warnings
 
     import onnx
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     src, out = Path(src), Path(out)
     if not (src / ONNX_META).is_file():
         raise UserError(f"not a tinyml ONNX folder (no {ONNX_META}): {src} (make one with tinyml export)")
@@ -46,24 +91,24 @@ def quantize_onnx(src: str | Path, out: str | Path, block_size: int = 32, symmet
         raise UserError(f"--block-size must be a power of two, at least 16, got {block_size}")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise UserError(f"--accuracy-level must be 0 (fp32 compute) to 4 (int8 compute), got {accuracy_level}")
+    if algorithm not in ALGORITHMS:
+        raise UserError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, got '{algorithm}'")
+    if algorithm == "gptq" and not calibration:
+        raise UserError("--algorithm gptq needs calibration records")
     out.mkdir(parents=True, exist_ok=True)
     for part, name in meta["files"].items():
-        # Only the embedding graph's Gather is a weight lookup; int4 Gather also needs opset 21, which the other
-        # graphs (exported at opset 17) would not be valid under.
-        ops = ("Gather",) if part == "embed" else ("MatMul",)
         if part == "embed" and not embeddings:
             onnx.save_model(onnx.load(str(src / name)), str(out / name))
             continue
-        q = MatMulNBitsQuantizer(onnx.load(str(src / name)), bits=4, block_size=block_size, is_symmetric=symmetric,
-                                 accuracy_level=accuracy_level or None, op_types_to_quantize=ops,
-                                 quant_axes=(("MatMul", 0), ("Gather", 1)))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # all-zero blocks divide 0 by a 0 scale; the quantizer maps them to 0
+        q = _quantizer(onnx.load(str(src / name)), part, block_size, symmetric, accuracy_level, algorithm, calibration)
+        # all-zero blocks divide 0 by a 0 scale (the quantizer maps them to 0); gptq prints a progress bar
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+            warnings.simplefilter("ignore")
             q.process()
         onnx.save_model(q.model.model, str(out / name))
     copy_runner_files(src, out)
     meta["quantization"] = {"type": "int4", "block_size": block_size, "symmetric": symmetric, "embeddings": embeddings,
-                            "accuracy_level": accuracy_level}
+                            "accuracy_level": accuracy_level, "algorithm": algorithm}
     (out / ONNX_META).write_text(json.dumps(meta, indent=2))
     before, after = onnx_sizes(src), onnx_sizes(out)
     return {"bytes_before": before, "bytes_after": after, "size_ratio": after["total"] / before["total"],
