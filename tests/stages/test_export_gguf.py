@@ -64,7 +64,7 @@ def test_gguf_holds_the_llama_layout_tokenizer_and_projector(trained, gguf_f32):
     def field(name):
         return r.fields[name].contents()
     assert field("general.architecture") == "llama"
-    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt2"
+    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt-2"
     assert field("tokenizer.ggml.tokens")[:len(tok)] == tok.convert_ids_to_tokens(list(range(len(tok))))
     assert field("tokenizer.chat_template") == tok.chat_template
     assert field("llama.block_count") == llm.config.num_hidden_layers
@@ -118,3 +118,64 @@ def test_llama_cpp_text_greedy_equals_pytorch_at_f32(trained, gguf_f32):
         ref = torch_greedy(model, ids, 8)
         assert len(ref) == 8  # the fixture's EOS is pushed down: 8 tokens through the KV cache
         assert llama_cpp_greedy(llm, ids, 8, tok.eos_token_id, model.image_token_id) == ref
+
+
+def llama_cpp_image_greedy(llama_cpp, llm, mmproj, text: str, image, n: int, eos: int, suppress: int) -> list[int]:
+    """Greedy decoding of an image prompt through llama.cpp's multimodal library (mtmd): `text` holds mtmd's
+    media marker where tinyml's prompt has its image tokens."""
+    import ctypes
+
+    from llama_cpp import mtmd_cpp as mtmd
+    params = mtmd.mtmd_context_params_default()
+    params.use_gpu, params.n_threads, params.print_timings, params.warmup = False, 1, False, False
+    ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), llm.model, params)
+    assert ctx, "mtmd refused the mmproj"
+    try:
+        bitmap = mtmd.mtmd_helper_bitmap_init_from_file(ctx, str(image).encode(), False)
+        raw = text.encode()
+        inp = mtmd.mtmd_input_text()
+        inp.text, inp.text_len, inp.add_special, inp.parse_special = raw, len(raw), False, True
+        chunks = mtmd.mtmd_input_chunks_init()
+        assert mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(inp), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
+        llm.reset()
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)  # the previous prompt's cache
+        n_past = llama_cpp.llama_pos(0)
+        assert mtmd.mtmd_helper_eval_chunks(ctx, llm.ctx, chunks, 0, 0, 256, True, ctypes.byref(n_past)) == 0
+        llm.n_tokens = n_past.value  # the cache holds the prompt: Llama.eval continues from there
+        out = []
+        for _ in range(n):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+            logits[suppress] = -np.inf
+            out.append(int(logits.argmax()))
+            if out[-1] == eos:
+                break
+            llm.eval([out[-1]])
+        mtmd.mtmd_input_chunks_free(chunks)
+        mtmd.mtmd_bitmap_free(bitmap)
+        return out
+    finally:
+        mtmd.mtmd_free(ctx)
+
+
+def test_llama_cpp_image_answers_through_the_mmproj_equal_pytorch_at_f32(trained, gguf_f32, tiny_cfg):
+    llama_cpp = _llama_cpp()
+    from tinyml_cli import IMAGE_TOKEN
+    from tinyml_cli.core.generation import generated_tokens
+    from tinyml_cli.core.model import load_model
+    from tinyml_cli.records.conversations import eval_examples
+    from tinyml_cli.records.encoder import encoder_for
+    model = load_model(trained).eval()
+    tok = model.tokenizer
+    cfg = tiny_cfg()
+    examples = eval_examples(cfg.data.eval, encoder_for(model, cfg.data), cfg.data)[:6]
+    ref = generated_tokens(model, examples, 6, batch_size=1)
+    llm = llama_cpp.Llama(str(gguf_f32 / "model.gguf"), n_ctx=256, n_threads=1, verbose=False)
+    from llama_cpp import mtmd_cpp
+    marker = mtmd_cpp.mtmd_default_marker().decode()
+    got = []
+    for e in examples:
+        text = tok.decode(e.input_ids, skip_special_tokens=False).replace(IMAGE_TOKEN * model.num_image_tokens, marker)
+        assert marker in text
+        got.append(llama_cpp_image_greedy(llama_cpp, llm, gguf_f32 / "mmproj.gguf", text, e.images[0], 6,
+                                          tok.eos_token_id, model.image_token_id))
+    assert got == ref

@@ -70,7 +70,7 @@ def _pre_tokenizer(tok) -> str:
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in parts]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name of GPT-2's pre-tokenizer (the tokenizer model is "gpt2")
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
         return "smollm"
     raise UserError(f"--format gguf: the tokenizer's pre-tokenizer {kinds} has no llama.cpp name "

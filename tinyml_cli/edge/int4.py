@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import shutil
+import sys
 from pathlib import Path
 
 from .. import UserError
@@ -51,8 +51,16 @@ class _Feeds:
         return self.feeds.pop(0) if self.feeds else None
 
 
+def _lm_head(model) -> str | None:
+    """The lm_head: the constant-weight MatMul with the most outputs (the vocabulary)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    matmuls = [(inits[n.input[1]].dims[-1], n.name) for n in model.graph.node
+               if n.op_type == "MatMul" and n.input[1] in inits]
+    return max(matmuls)[1] if matmuls else None
+
+
 def _quantizer(model, part: str, block_size: int, symmetric: bool, accuracy_level: int, algorithm: str,
-               calibration):
+               calibration, exclude=()):
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         GPTQWeightOnlyQuantConfig,
         HQQWeightOnlyQuantConfig,
@@ -68,14 +76,29 @@ def _quantizer(model, part: str, block_size: int, symmetric: bool, accuracy_leve
         algo = GPTQWeightOnlyQuantConfig(calibration_data_reader=_Feeds(calibration), op_types_to_quantize=ops)
     return MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
                                 accuracy_level=accuracy_level or None, op_types_to_quantize=ops,
-                                quant_axes=(("MatMul", 0), ("Gather", 1)), algo_config=algo)
+                                quant_axes=(("MatMul", 0), ("Gather", 1)), algo_config=algo,
+                                nodes_to_exclude=list(exclude))
+
+
+def _head_to_8bit(model, block_size: int, symmetric: bool, accuracy_level: int):
+    """The decoder's lm_head at 8 bits (llama.cpp's q4 files also keep the output layer above 4 bits; the
+    quantizer's int4-only Gather keeps the embedding table at 4): returns the model and the node done."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    head = _lm_head(model)
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head]
+    q = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=symmetric,
+                             accuracy_level=accuracy_level or None, op_types_to_quantize=("MatMul",),
+                             quant_axes=(("MatMul", 0),), nodes_to_exclude=others)
+    q.process()
+    return q.model.model, [head]
 
 
 def quantize_onnx(src: str | Path, out: str | Path, block_size: int = 32, symmetric: bool = False,
                   embeddings: bool = True, accuracy_level: int = 4, algorithm: str = "rtn",
-                  calibration: list[dict] | None = None) -> dict:
+                  calibration: list[dict] | None = None, head_bits: int = 4) -> dict:
     """Write an int4 copy of an ONNX export; returns the sizes before and after and their ratio. `gptq` needs
-    `calibration`: decoder input dicts (inputs_embeds, attention_mask, position_ids and an empty cache)."""
+    `calibration`: decoder input dicts (inputs_embeds, attention_mask, position_ids and an empty cache).
+    `head_bits=8` keeps the decoder's lm_head at 8 bits."""
     import logging
     import warnings
 
@@ -93,6 +116,8 @@ def quantize_onnx(src: str | Path, out: str | Path, block_size: int = 32, symmet
         raise UserError(f"--accuracy-level must be 0 (fp32 compute) to 4 (int8 compute), got {accuracy_level}")
     if algorithm not in ALGORITHMS:
         raise UserError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, got '{algorithm}'")
+    if head_bits not in (4, 8):
+        raise UserError(f"--head-bits must be 4 or 8, got {head_bits}")
     if algorithm == "gptq" and not calibration:
         raise UserError("--algorithm gptq needs calibration records")
     out.mkdir(parents=True, exist_ok=True)
@@ -100,15 +125,18 @@ def quantize_onnx(src: str | Path, out: str | Path, block_size: int = 32, symmet
         if part == "embed" and not embeddings:
             onnx.save_model(onnx.load(str(src / name)), str(out / name))
             continue
-        q = _quantizer(onnx.load(str(src / name)), part, block_size, symmetric, accuracy_level, algorithm, calibration)
         # all-zero blocks divide 0 by a 0 scale (the quantizer maps them to 0); gptq prints a progress bar
         with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
             warnings.simplefilter("ignore")
+            model, done = onnx.load(str(src / name)), []
+            if head_bits == 8 and part == "decoder":
+                model, done = _head_to_8bit(model, block_size, symmetric, accuracy_level)
+            q = _quantizer(model, part, block_size, symmetric, accuracy_level, algorithm, calibration, done)
             q.process()
         onnx.save_model(q.model.model, str(out / name))
     copy_runner_files(src, out)
     meta["quantization"] = {"type": "int4", "block_size": block_size, "symmetric": symmetric, "embeddings": embeddings,
-                            "accuracy_level": accuracy_level, "algorithm": algorithm}
+                            "accuracy_level": accuracy_level, "algorithm": algorithm, "head_bits": head_bits}
     (out / ONNX_META).write_text(json.dumps(meta, indent=2))
     before, after = onnx_sizes(src), onnx_sizes(out)
     return {"bytes_before": before, "bytes_after": after, "size_ratio": after["total"] / before["total"],
