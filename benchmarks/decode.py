@@ -127,7 +127,18 @@ def side_generate(a):
             return new, first - t, time.perf_counter() - t
         return generate, runner
     import llama_cpp
+    import llama_cpp.llama_cpp as llama_low
     import numpy as np
+    default_params = llama_low.llama_model_default_params
+
+    def without_repacking():
+        # On this CPU llama.cpp repacks q4_0 / q8_0 weights for Intel AMX, whose kernels die here with a general
+        # protection fault in libggml-cpu (the sandbox does not let the process use the AMX tiles); without the
+        # "extra buffer types" its plain CPU kernels run (AVX-512 / VNNI dot products, no weight repacking).
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+    llama_low.llama_model_default_params = without_repacking
     llm = llama_cpp.Llama(str(Path(a.work) / f"gguf-{a.side.split('_', 1)[1]}" / "model.gguf"), n_ctx=2048,
                           n_batch=512, n_threads=a.threads, n_threads_batch=a.threads, verbose=False)
     vocab = llm.n_vocab()
