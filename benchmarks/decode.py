@@ -14,8 +14,9 @@ not the Python around them, are most of a decode step). Sides, each in a fresh p
 tinyml's three sides answer the image questions (the shapes records' first turns, encoded by tinyml's eval path);
 onnxruntime-genai and llama.cpp get the same prompts as text, without the image tokens (onnxruntime-genai runs only
 the text path of the export; llama.cpp's image path is a separate library), so their prompts are shorter by the
-image's tokens and their prefill has no image to encode. Each answers `--new-tokens` greedy tokens (fewer where
-the model ends its answer), one prompt at a time, after one warm-up answer.
+image's tokens and their prefill has no image to encode. Each answers exactly `--new-tokens` greedy tokens (the end
+token masked, as llama-bench measures; `--stop-at-eos` ends answers at it instead), one prompt at a time, after
+one warm-up answer.
 prefill tokens/s = prompt tokens / time to the first new token (image encoding included on tinyml's sides);
 decode tokens/s = the other new tokens / the time after the first; tokens_per_s = all new tokens / all the time.
 All sides run with `--threads` intra-op threads (1 by default: the machine is shared). Sides rotate order over the
@@ -73,6 +74,9 @@ def side_generate(a):
         from tinyml_cli.core.model import load_model
         torch.set_num_threads(a.threads)
         model = load_model(a.model, dtype=torch.float32).eval()
+        if not a.stop_at_eos:  # transformers' min_new_tokens masks the end token until --new-tokens are out
+            llm_generate = model.llm.generate
+            model.llm.generate = lambda **kw: llm_generate(**kw, min_new_tokens=a.new_tokens)
         collate = Collator(model.tokenizer.pad_token_id, ImageLoader(model.image_processor), left_pad=True)
 
         class FirstToken:  # transformers' streamer protocol: the prompt first, then each new token (1-d)
@@ -95,6 +99,13 @@ def side_generate(a):
     int4 = Path(a.work) / "onnx-int4"
     if a.side in ("fp32_onnx", "int4_onnx"):
         runner = OnnxLMM(Path(a.work) / "onnx-fp32" if a.side == "fp32_onnx" else int4, threads=a.threads)
+        if not a.stop_at_eos:
+            pick, eos = runner._pick, runner.tokenizer.eos_token_id
+
+            def pick_but_eos(logits, *rest):
+                logits[:, eos] = -float("inf")
+                return pick(logits, *rest)
+            runner._pick = pick_but_eos
 
         def generate(example):
             t, new, first = time.perf_counter(), [], None
@@ -116,7 +127,8 @@ def side_generate(a):
         def generate(example):
             ids = text_prompt(example, runner.image_token_id)
             params = og.GeneratorParams(og_model)
-            params.set_search_options(max_length=len(ids) + a.new_tokens, do_sample=False)
+            params.set_search_options(max_length=len(ids) + a.new_tokens, do_sample=False,
+                                      min_length=len(ids) + (0 if a.stop_at_eos else a.new_tokens))
             t, new, first = time.perf_counter(), [], None
             gen = og.Generator(og_model, params)
             gen.append_tokens(ids)
@@ -149,7 +161,9 @@ def side_generate(a):
         llm.reset()
         llm.eval(ids)
         for _ in range(a.new_tokens):
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,)).copy()
+            if not a.stop_at_eos:
+                logits[eos] = -np.inf
             new.append(int(logits.argmax()))
             first = first or time.perf_counter()
             if new[-1] == eos:
@@ -220,6 +234,9 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=4, help="image questions answered per run (after one warm-up)")
     p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens generated per answer (at most)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads of torch and onnxruntime")
+    p.add_argument("--stop-at-eos", action="store_true",
+                   help="end answers at the end token (default: every side generates --new-tokens tokens, the end "
+                        "token masked, as llama-bench does: a real model's one-word answers leave no decode to time)")
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.side:
@@ -231,7 +248,7 @@ def main() -> None:
     sizes = exports(model, work)
     say = common.reporter(a)
     shared = ["--work", a.work, "--model", model, "--data", data, "--prompts", str(a.prompts),
-              "--new-tokens", str(a.new_tokens), "--threads", str(a.threads)]
+              "--new-tokens", str(a.new_tokens), "--threads", str(a.threads)] + (["--stop-at-eos"] if a.stop_at_eos else [])
     import importlib.util
     missing = {s: f"{mod} is not installed" for s, mod in
                (("ortgenai_int4", "onnxruntime_genai"), ("llamacpp_q4_0", "llama_cpp"), ("llamacpp_q8_0", "llama_cpp"))
@@ -263,6 +280,7 @@ def main() -> None:
         ratios[f"{name}_greedy_match"] = match(eager_text, runs[s][0]["outputs"]) if s in runs else None
     out = {"benchmark": "decode", "device": "cpu", "model": {k: v for k, v in info.items() if k != "train"} or model,
            "setting": {"batch_size": 1, "prompts": a.prompts, "new_tokens": a.new_tokens, "threads": a.threads,
+                       "stop_at_eos": a.stop_at_eos,
                        "repeats": a.repeats, "prompt_tokens": runs["eager"][0]["prompt_tokens"],
                        "int4_vs_*": "decode tokens/s of int4_onnx over the peer's",
                        "text_sides": "prompts without the image tokens; greedy match against eager on those"},
