@@ -4,7 +4,8 @@
 
 (W: a `benchmarks/real_llm.py --work W` folder, SmolLM2-135M-Instruct + the tiny SigLIP tower, LoRA merged.)
 For the fp32 ONNX export and each `--variants` entry (ALGORITHM:BLOCK, algorithms of `edge.int4`: rtn, hqq,
-gptq; ALGORITHM:BLOCK:8 keeps lm_head at 8 bits; all asymmetric, accuracy level 4, int4 embeddings as `tinyml quantize` makes them), on the held-out records,
+gptq; options `:head=8` keeps lm_head at 8 bits, `:acc=0` computes in fp32 instead of MatMulNBits' int8
+activations (accuracy level 4), `:emb=0` keeps the embedding table fp32; all asymmetric, accuracy level 4, int4 embeddings as `tinyml quantize` makes them), on the held-out records,
 with tinyml's torch-free runner:
 - vqa_accuracy: exact-match answers (greedy, `--new-tokens`), as `tinyml eval`;
 - greedy_match: share of generated token positions equal to fp32's (decode.py's measure), and prompts_equal:
@@ -113,14 +114,16 @@ def main() -> None:
     ref = rows["fp32"]["tokens"]
     calib = None
     for v in a.variants.split(","):
-        algo, block, *head = v.split(":")  # ALGORITHM:BLOCK[:8]: lm_head at 8 bits
-        folder = work / v.replace(":", "-")
+        algo, block, *opts = v.split(":")  # ALGORITHM:BLOCK[:head=8][:acc=0][:emb=0]
+        opts = dict(o.split("=") for o in opts)
+        folder = work / v.replace(":", "-").replace("=", "")
         if not (folder / META).is_file():
             if algo == "gptq" and calib is None:
                 calib = calibration(fp32, a)
             t = time.time()
             quantize_onnx(fp32, folder, int(block), algorithm=algo, calibration=list(calib or []),
-                          head_bits=int(head[0]) if head else 4)
+                          head_bits=int(opts.get("head", 4)), accuracy_level=int(opts.get("acc", 4)),
+                          embeddings=opts.get("emb", "1") == "1")
             (folder / "quantize_seconds").write_text(str(time.time() - t))
         rows[v] = measure(folder, a, ref) | {"quantize_seconds": float((folder / "quantize_seconds").read_text())}
         if not a.json:
