@@ -8,7 +8,9 @@ share one fp32 scale (and a 4-bit zero point unless symmetric). `accuracy_level`
 0 computes in fp32 on dequantized weights; 4 decodes ~1.4x faster on a CPU (benchmarks/decode.py).
 
 `algorithm` picks how the 4-bit values are chosen (benchmarks/int4_quality.py compares them on real weights):
-`rtn` rounds each block to its nearest levels (min/max scale and zero point); `hqq` (Half-Quadratic
+`rtn` rounds each block to its nearest levels (min/max scale and zero point); `kquant` (Intel Neural
+Compressor's k-quant, as onnxruntime ships it) searches each block's scale and zero point for the least
+weighted error, in the manner of llama.cpp's k-quants; `hqq` (Half-Quadratic
 Quantization) optimizes each block's scale and zero point for the weight error, without data; `gptq` quantizes the
 decoder's columns one at a time and corrects the remaining ones for the error, using the Hessian of the layer's
 inputs gathered on calibration records (the vision and embedding graphs stay RTN).
@@ -35,7 +37,7 @@ def copy_runner_files(src: str | Path, dst: str | Path) -> None:
             shutil.copy2(f, Path(dst) / f.name)
 
 
-ALGORITHMS = ("rtn", "hqq", "gptq")
+ALGORITHMS = ("rtn", "kquant", "hqq", "gptq")
 
 
 class _Feeds:
@@ -64,6 +66,7 @@ def _quantizer(model, part: str, block_size: int, symmetric: bool, accuracy_leve
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         GPTQWeightOnlyQuantConfig,
         HQQWeightOnlyQuantConfig,
+        KQuantWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
     )
     # Only the embedding graph's Gather is a weight lookup; int4 Gather also needs opset 21, which the other
@@ -72,6 +75,8 @@ def _quantizer(model, part: str, block_size: int, symmetric: bool, accuracy_leve
     algo = None
     if algorithm == "hqq" and part != "embed":
         algo = HQQWeightOnlyQuantConfig(block_size=block_size, bits=4, op_types_to_quantize=ops)
+    elif algorithm == "kquant" and part != "embed":
+        algo = KQuantWeightOnlyQuantConfig(op_types_to_quantize=ops)
     elif algorithm == "gptq" and part == "decoder":
         algo = GPTQWeightOnlyQuantConfig(calibration_data_reader=_Feeds(calibration), op_types_to_quantize=ops)
     return MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
