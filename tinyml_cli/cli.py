@@ -505,6 +505,7 @@ def quantize(source: Path = typer.Argument(..., metavar="SOURCE", help="An ONNX 
              block_size: int = typer.Option(32, "--block-size", help="int4: input channels per quantization block."),
              symmetric: bool = typer.Option(False, "--symmetric", help="int4: symmetric blocks (no zero points)."),
              accuracy_level: int = typer.Option(4, "--accuracy-level", help="int4: MatMulNBits compute, 4 int8 activations (faster on CPU) | 0 fp32."),
+             algorithm: str = typer.Option("kquant", "--algorithm", help="int4: kquant (best kept on real weights) | rtn | hqq."),
              data: Optional[str] = typer.Option(None, "--data", "-d", metavar="FILE", help="Held-out data: evaluate before and after."),
              config: Config = None, set_: GenSets = None, overwrite: Overwrite = False, json_mode: Json = False):
     """Quantize a model and report file sizes and, with --data, the eval change against the unquantized model.
@@ -518,7 +519,8 @@ def quantize(source: Path = typer.Argument(..., metavar="SOURCE", help="An ONNX 
     out = _output(output_arg, output_dir)
     cfg = _config(config, set_)
     before = ui.quiet_libraries if method != "int4" else None  # the int4 path stays torch-free
-    ui.emit(run_quantize(source, out, method, block_size, symmetric, data, cfg, accuracy_level, overwrite, before),
+    ui.emit(run_quantize(source, out, method, block_size, symmetric, data, cfg, accuracy_level, overwrite, before,
+                         algorithm),
             json_mode)
 
 

@@ -7,7 +7,8 @@ share one fp32 scale (and a 4-bit zero point unless symmetric). `accuracy_level`
 4 (the default, as onnxruntime-genai's CPU models) multiplies int8-quantized activations with the int4 weights,
 0 computes in fp32 on dequantized weights; 4 decodes ~1.4x faster on a CPU (benchmarks/decode.py).
 
-`algorithm` picks how the 4-bit values are chosen (benchmarks/int4_quality.py compares them on real weights):
+`algorithm` picks how the 4-bit values are chosen (benchmarks/int4_quality.py compares them on real weights;
+kquant, the default, kept the most of SmolLM2-135M at the same size):
 `rtn` rounds each block to its nearest levels (min/max scale and zero point); `kquant` (Intel Neural
 Compressor's k-quant, as onnxruntime ships it) searches each block's scale and zero point for the least
 weighted error, in the manner of llama.cpp's k-quants; `hqq` (Half-Quadratic
@@ -99,7 +100,7 @@ def _head_to_8bit(model, block_size: int, symmetric: bool, accuracy_level: int):
 
 
 def quantize_onnx(src: str | Path, out: str | Path, block_size: int = 32, symmetric: bool = False,
-                  embeddings: bool = True, accuracy_level: int = 4, algorithm: str = "rtn",
+                  embeddings: bool = True, accuracy_level: int = 4, algorithm: str = "kquant",
                   calibration: list[dict] | None = None, head_bits: int = 4) -> dict:
     """Write an int4 copy of an ONNX export; returns the sizes before and after and their ratio. `gptq` needs
     `calibration`: decoder input dicts (inputs_embeds, attention_mask, position_ids and an empty cache).
