@@ -524,10 +524,12 @@ def bitdelta_apply(base: Path = typer.Argument(..., metavar="BASE", help="The ba
 @app.command()
 def export(model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="A trained tinyml model folder (LoRA adapters are merged first)."),
            output_arg: _out_arg("Folder for the export") = None, output_dir: OutDir = None,
-           format: str = typer.Option("onnx", "--format", "-f", help="onnx (for onnxruntime) | hf-llava (transformers LlavaForConditionalGeneration)."),
+           format: str = typer.Option("onnx", "--format", "-f", help="onnx (for onnxruntime) | gguf (llama.cpp: LLM + mmproj) | hf-llava (transformers LlavaForConditionalGeneration)."),
            dtype: str = typer.Option("fp32", "--dtype", help="ONNX weights and activations: fp32 | fp16."),
+           gguf_type: str = typer.Option("f16", "--gguf-type", help="GGUF LLM weights: f32 | f16 | q8_0 | q4_0 (the mmproj: f32 at f32, else f16)."),
            overwrite: Overwrite = False, json_mode: Json = False):
-    """Export a trained model: ONNX graphs (vision+connector, embeddings, KV-cache decoder) or a LLaVA checkpoint.
+    """Export a trained model: ONNX graphs (vision+connector, embeddings, KV-cache decoder), GGUF for llama.cpp
+    (model.gguf + mmproj.gguf) or a LLaVA checkpoint.
 
     A folder that already holds files is refused without --overwrite.
 
@@ -536,7 +538,8 @@ def export(model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="A tr
     from . import ui
     from .stages.export import run_export
     out = _output(output_arg, output_dir)
-    ui.emit(run_export(model_dir, out, format, dtype, overwrite, before_work=ui.quiet_libraries), json_mode)
+    ui.emit(run_export(model_dir, out, format, dtype, overwrite, before_work=ui.quiet_libraries, gguf_type=gguf_type),
+            json_mode)
 
 
 @app.command()
@@ -546,6 +549,7 @@ def quantize(source: Path = typer.Argument(..., metavar="SOURCE", help="An ONNX 
              block_size: int = typer.Option(32, "--block-size", help="int4: input channels per quantization block."),
              symmetric: bool = typer.Option(False, "--symmetric", help="int4: symmetric blocks (no zero points)."),
              accuracy_level: int = typer.Option(4, "--accuracy-level", help="int4: MatMulNBits compute, 4 int8 activations (faster on CPU) | 0 fp32."),
+             algorithm: str = typer.Option("kquant", "--algorithm", help="int4: kquant (best kept on real weights) | rtn | hqq."),
              data: Optional[str] = typer.Option(None, "--data", "-d", metavar="FILE", help="Held-out data: evaluate before and after."),
              config: Config = None, set_: GenSets = None, overwrite: Overwrite = False, json_mode: Json = False):
     """Quantize a model and report file sizes and, with --data, the eval change against the unquantized model.
@@ -559,7 +563,8 @@ def quantize(source: Path = typer.Argument(..., metavar="SOURCE", help="An ONNX 
     out = _output(output_arg, output_dir)
     cfg = _config(config, set_)
     before = ui.quiet_libraries if method != "int4" else None  # the int4 path stays torch-free
-    ui.emit(run_quantize(source, out, method, block_size, symmetric, data, cfg, accuracy_level, overwrite, before),
+    ui.emit(run_quantize(source, out, method, block_size, symmetric, data, cfg, accuracy_level, overwrite, before,
+                         algorithm),
             json_mode)
 
 

@@ -25,3 +25,9 @@ def test_decode_benchmark_reports_ratios_of_equal_models(tiny_model, shapes, tmp
     assert r["fp32_onnx_greedy_match"] == 1.0
     assert out["sides"]["eager"]["tokens"] == out["sides"]["fp32_onnx"]["tokens"] > 0
     assert out["sides"]["int4_onnx"]["bytes"] < out["sides"]["fp32_onnx"]["bytes"] / 3
+    for side in ("eager", "fp32_onnx", "int4_onnx"):  # prefill and decode measured apart
+        assert out["sides"][side]["prefill_tokens_per_s"] > 0 and out["sides"][side]["decode_tokens_per_s"] >= 0
+    # the peers: measured where their runtime is installed, else named as skipped; the ratio keys always there
+    assert {"int4_vs_llamacpp_q4_0", "int4_vs_llamacpp_q8_0", "int4_vs_ortgenai"} <= set(r)
+    for side, ratio in (("ortgenai_int4", "int4_vs_ortgenai"), ("llamacpp_q4_0", "int4_vs_llamacpp_q4_0")):
+        assert ("skipped" in out["sides"][side]) == (r[ratio] is None)

@@ -5,7 +5,11 @@ onnxruntime-genai's vision models (Phi-3-vision): `vision.onnx` (pixel_values ->
 and connector in one graph), `embed.onnx` (input_ids -> inputs_embeds) and `decoder.onnx` (inputs_embeds,
 attention_mask, position_ids and `past_key_values.{i}.key/value` -> logits and `present.{i}.key/value`,
 batch and sequence dynamic). Beside them: the tokenizer, the image processor's config and
-`tinyml_onnx.json`, all that `edge.runner` needs to run the model without torch.
+`tinyml_onnx.json`, all that `edge.runner` needs to run the model without torch, and `genai_config.json`, with
+which onnxruntime-genai runs the text path: its `decoder-pipeline` model type chains embed.onnx and decoder.onnx
+(input_ids -> inputs_embeds -> logits and the grown cache) as the graphs are. Its multimodal model types each
+expect their own family's vision graph and image processor (Phi-3-vision's HD crops, ...), so image questions go
+through tinyml's runner, not onnxruntime-genai.
 
 optimum's exporters pin transformers < 4.58 and do not run here; transformers 5's own `exporters` go through
 the dynamo exporter and onnxscript (not a dependency). The TorchScript exporter traces the decoder with a
@@ -176,7 +180,34 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32") -> 
             "kv_heads": heads, "head_dim": head_dim, "hidden_size": model.spec["llm_dim"],
             "source": str(model_dir)}
     (out / ONNX_META).write_text(json.dumps(meta, indent=2))
+    (out / "genai_config.json").write_text(json.dumps(genai_config(meta, llm.config, tok), indent=2))
     return onnx_sizes(out)
+
+
+def genai_config(meta: dict, cfg, tok) -> dict:
+    """onnxruntime-genai's config for the text path: a `decoder-pipeline` of embed.onnx then decoder.onnx; the
+    cache grows by concatenation (past_present_share_buffer off), greedy by default."""
+    layers = meta["num_layers"]
+    past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    context = cfg.max_position_embeddings
+    decoder = {"session_options": {"log_id": "tinyml", "provider_options": []}, "head_size": meta["head_dim"],
+               "hidden_size": meta["hidden_size"], "num_attention_heads": cfg.num_attention_heads,
+               "num_key_value_heads": meta["kv_heads"], "num_hidden_layers": layers,
+               "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                          "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+               "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                           "present_value_names": "present.%d.value"},
+               "pipeline": [{"embed": {"filename": meta["files"]["embed"], "inputs": ["input_ids"],
+                                       "outputs": ["inputs_embeds"]}},
+                            {"decoder": {"filename": meta["files"]["decoder"],
+                                         "inputs": ["inputs_embeds", "attention_mask", "position_ids", *past],
+                                         "outputs": ["logits", *present]}}]}
+    return {"model": {"type": "decoder-pipeline", "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                      "pad_token_id": tok.pad_token_id, "vocab_size": cfg.vocab_size, "context_length": context,
+                      "decoder": decoder},
+            "search": {"do_sample": False, "num_beams": 1, "top_k": 1, "max_length": context,
+                       "past_present_share_buffer": False}}
 
 
 def export_hf_llava(model_dir: str | Path, out: str | Path) -> dict:

@@ -6,13 +6,24 @@ small LLM the embedding and lm_head are a large share of the weights. Blocks of 
 share one fp32 scale (and a 4-bit zero point unless symmetric). `accuracy_level` is MatMulNBits' compute type:
 4 (the default, as onnxruntime-genai's CPU models) multiplies int8-quantized activations with the int4 weights,
 0 computes in fp32 on dequantized weights; 4 decodes ~1.4x faster on a CPU (benchmarks/decode.py).
+
+`algorithm` picks how the 4-bit values are chosen (benchmarks/int4_quality.py compares them on real weights;
+kquant, the default, kept the most of SmolLM2-135M at the same size):
+`rtn` rounds each block to its nearest levels (min/max scale and zero point); `kquant` (Intel Neural
+Compressor's k-quant, as onnxruntime ships it) searches each block's scale and zero point for the least
+weighted error, in the manner of llama.cpp's k-quants; `hqq` (Half-Quadratic
+Quantization) optimizes each block's scale and zero point for the weight error, without data; `gptq` quantizes the
+decoder's columns one at a time and corrects the remaining ones for the error, using the Hessian of the layer's
+inputs gathered on calibration records (the vision and embedding graphs stay RTN).
 """
 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from .. import UserError
@@ -27,15 +38,78 @@ def copy_runner_files(src: str | Path, dst: str | Path) -> None:
             shutil.copy2(f, Path(dst) / f.name)
 
 
+ALGORITHMS = ("rtn", "kquant", "hqq", "gptq")
+
+
+class _Feeds:
+    """onnxruntime's CalibrationDataReader protocol over a list of decoder input dicts (its GPTQ iterates it)."""
+
+    def __init__(self, feeds: list[dict]):
+        self.feeds = feeds
+
+    def __iter__(self):
+        return iter(self.feeds)
+
+    def get_next(self):
+        return self.feeds.pop(0) if self.feeds else None
+
+
+def _lm_head(model) -> str | None:
+    """The lm_head: the constant-weight MatMul with the most outputs (the vocabulary)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    matmuls = [(inits[n.input[1]].dims[-1], n.name) for n in model.graph.node
+               if n.op_type == "MatMul" and n.input[1] in inits]
+    return max(matmuls)[1] if matmuls else None
+
+
+def _quantizer(model, part: str, block_size: int, symmetric: bool, accuracy_level: int, algorithm: str,
+               calibration, exclude=()):
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        GPTQWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        KQuantWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+    # Only the embedding graph's Gather is a weight lookup; int4 Gather also needs opset 21, which the other
+    # graphs (exported at opset 17) would not be valid under.
+    ops = ("Gather",) if part == "embed" else ("MatMul",)
+    algo = None
+    if algorithm == "hqq" and part != "embed":
+        algo = HQQWeightOnlyQuantConfig(block_size=block_size, bits=4, op_types_to_quantize=ops)
+    elif algorithm == "kquant" and part != "embed":
+        algo = KQuantWeightOnlyQuantConfig(op_types_to_quantize=ops)
+    elif algorithm == "gptq" and part == "decoder":
+        algo = GPTQWeightOnlyQuantConfig(calibration_data_reader=_Feeds(calibration), op_types_to_quantize=ops)
+    return MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
+                                accuracy_level=accuracy_level or None, op_types_to_quantize=ops,
+                                quant_axes=(("MatMul", 0), ("Gather", 1)), algo_config=algo,
+                                nodes_to_exclude=list(exclude))
+
+
+def _head_to_8bit(model, block_size: int, symmetric: bool, accuracy_level: int):
+    """The decoder's lm_head at 8 bits (llama.cpp's q4 files also keep the output layer above 4 bits; the
+    quantizer's int4-only Gather keeps the embedding table at 4): returns the model and the node done."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    head = _lm_head(model)
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head]
+    q = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=symmetric,
+                             accuracy_level=accuracy_level or None, op_types_to_quantize=("MatMul",),
+                             quant_axes=(("MatMul", 0),), nodes_to_exclude=others)
+    q.process()
+    return q.model.model, [head]
+
+
 def quantize_onnx(src: str | Path, out: str | Path, block_size: int = 32, symmetric: bool = False,
-                  embeddings: bool = True, accuracy_level: int = 4) -> dict:
-    """Write an int4 copy of an ONNX export; returns the sizes before and after and their ratio."""
+                  embeddings: bool = True, accuracy_level: int = 4, algorithm: str = "kquant",
+                  calibration: list[dict] | None = None, head_bits: int = 4) -> dict:
+    """Write an int4 copy of an ONNX export; returns the sizes before and after and their ratio. `gptq` needs
+    `calibration`: decoder input dicts (inputs_embeds, attention_mask, position_ids and an empty cache).
+    `head_bits=8` keeps the decoder's lm_head at 8 bits."""
     import logging
     import warnings
 
     import onnx
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     src, out = Path(src), Path(out)
     if not (src / ONNX_META).is_file():
         raise UserError(f"not a tinyml ONNX folder (no {ONNX_META}): {src} (make one with tinyml export)")
@@ -46,24 +120,29 @@ def quantize_onnx(src: str | Path, out: str | Path, block_size: int = 32, symmet
         raise UserError(f"--block-size must be a power of two, at least 16, got {block_size}")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise UserError(f"--accuracy-level must be 0 (fp32 compute) to 4 (int8 compute), got {accuracy_level}")
+    if algorithm not in ALGORITHMS:
+        raise UserError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, got '{algorithm}'")
+    if head_bits not in (4, 8):
+        raise UserError(f"--head-bits must be 4 or 8, got {head_bits}")
+    if algorithm == "gptq" and not calibration:
+        raise UserError("--algorithm gptq needs calibration records")
     out.mkdir(parents=True, exist_ok=True)
     for part, name in meta["files"].items():
-        # Only the embedding graph's Gather is a weight lookup; int4 Gather also needs opset 21, which the other
-        # graphs (exported at opset 17) would not be valid under.
-        ops = ("Gather",) if part == "embed" else ("MatMul",)
         if part == "embed" and not embeddings:
             onnx.save_model(onnx.load(str(src / name)), str(out / name))
             continue
-        q = MatMulNBitsQuantizer(onnx.load(str(src / name)), bits=4, block_size=block_size, is_symmetric=symmetric,
-                                 accuracy_level=accuracy_level or None, op_types_to_quantize=ops,
-                                 quant_axes=(("MatMul", 0), ("Gather", 1)))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # all-zero blocks divide 0 by a 0 scale; the quantizer maps them to 0
+        # all-zero blocks divide 0 by a 0 scale (the quantizer maps them to 0); gptq prints a progress bar
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+            warnings.simplefilter("ignore")
+            model, done = onnx.load(str(src / name)), []
+            if head_bits == 8 and part == "decoder":
+                model, done = _head_to_8bit(model, block_size, symmetric, accuracy_level)
+            q = _quantizer(model, part, block_size, symmetric, accuracy_level, algorithm, calibration, done)
             q.process()
         onnx.save_model(q.model.model, str(out / name))
     copy_runner_files(src, out)
     meta["quantization"] = {"type": "int4", "block_size": block_size, "symmetric": symmetric, "embeddings": embeddings,
-                            "accuracy_level": accuracy_level}
+                            "accuracy_level": accuracy_level, "algorithm": algorithm, "head_bits": head_bits}
     (out / ONNX_META).write_text(json.dumps(meta, indent=2))
     before, after = onnx_sizes(src), onnx_sizes(out)
     return {"bytes_before": before, "bytes_after": after, "size_ratio": after["total"] / before["total"],

@@ -11,7 +11,8 @@ METHODS = ("int4", "nf4", "fp4", "int8")
 
 
 def run_quantize(src: str | Path, out: str | Path, method: str, block_size: int, symmetric: bool,
-                 data: str | None, cfg, accuracy_level: int = 4, overwrite: bool = False, before_work=None) -> dict:
+                 data: str | None, cfg, accuracy_level: int = 4, overwrite: bool = False, before_work=None,
+                 algorithm: str = "kquant") -> dict:
     """`tinyml quantize`: sizes before and after and, given held-out data, the accuracy of both. The arguments,
     the source and the held-out data are checked before `before_work()` and any quantization, and a folder
     holding files needs `overwrite`."""
@@ -27,6 +28,9 @@ def run_quantize(src: str | Path, out: str | Path, method: str, block_size: int,
     if method == "int4" and not (Path(src) / META).is_file():
         raise UserError(f"int4 quantizes an ONNX export (`tinyml export`; no {META} in {src}); "
                         f"for a model folder use --method nf4, fp4 or int8")
+    if method == "int4" and algorithm not in ("rtn", "kquant", "hqq"):
+        raise UserError(f"--algorithm must be rtn, kquant or hqq, got '{algorithm}' (gptq needs calibration records: "
+                        "benchmarks/int4_quality.py runs it)")
     if method != "int4":
         check_model_dir(src, "--method nf4 / fp4 / int8 quantizes a tinyml model folder: ")
     if data:
@@ -40,7 +44,8 @@ def run_quantize(src: str | Path, out: str | Path, method: str, block_size: int,
     with removed_if_left_empty(out):
         if method == "int4":  # torch-free: the ONNX quantizer and runner
             from ..edge.int4 import quantize_onnx
-            metrics |= quantize_onnx(src, out, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level)
+            metrics |= quantize_onnx(src, out, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
+                                     algorithm=algorithm)
             if (Path(src) / "config.yaml").is_file():  # the run's settings travel with the export
                 shutil.copy(Path(src) / "config.yaml", Path(out) / "config.yaml")
             if data:

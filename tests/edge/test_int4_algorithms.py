@@ -1,0 +1,41 @@
+"""int4 algorithms (edge.int4): k-quant, HQQ and GPTQ write MatMulNBits graphs the runner decodes; GPTQ needs calibration."""
+
+import pytest
+
+
+def _ops(path) -> set:
+    import onnx
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def test_kquant_hqq_and_gptq_quantize_the_decoder_and_the_runner_decodes_them(exported, tmp_path):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from int4_quality import decoder_feed
+
+    from tinyml_cli.edge.int4 import quantize_onnx
+    from tinyml_cli.edge.runner import OnnxLMM
+    fp32 = OnnxLMM(exported)
+    prompt = fp32.tokenizer(fp32.tokenizer.apply_chat_template([{"role": "user", "content": "What color?"}],
+                                                               add_generation_prompt=True))["input_ids"]
+    calib = [decoder_feed(fp32, prompt + [i], []) for i in range(20, 24)]
+    ref = fp32.generate([prompt], [[]], 4)[0]
+    for algo in ("kquant", "hqq", "gptq"):
+        r = quantize_onnx(exported, tmp_path / algo, 32, algorithm=algo, calibration=list(calib))
+        assert r["size_ratio"] < 0.35
+        assert "MatMulNBits" in _ops(tmp_path / algo / "decoder.onnx")
+        got = OnnxLMM(tmp_path / algo).generate([prompt], [[]], 4)[0]
+        assert len(got) == len(ref) == 4 and all(0 <= t < 10_000 for t in got)
+    rtn = quantize_onnx(exported, tmp_path / "rtn", 32)
+    assert rtn["size_ratio"] == pytest.approx(r["size_ratio"], rel=0.05)
+
+
+def test_gptq_without_calibration_and_unknown_algorithms_are_refused(exported, tmp_path):
+    from tinyml_cli import UserError
+    from tinyml_cli.edge.int4 import quantize_onnx
+    with pytest.raises(UserError, match="gptq needs calibration"):
+        quantize_onnx(exported, tmp_path / "a", algorithm="gptq")
+    with pytest.raises(UserError, match="must be one of rtn, kquant, hqq, gptq"):
+        quantize_onnx(exported, tmp_path / "b", algorithm="awq")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
