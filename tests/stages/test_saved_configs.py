@@ -80,7 +80,8 @@ def test_training_stages_say_what_they_do_before_the_first_step(tiny_cfg, prefs,
     def progress(step, total, loss, tps):
         steps.append(step)
         said.append(f"step {step}")
-    cfg = tiny_cfg("train.max_steps=1")
+    # a cache folder of its own: other tests of the session may have encoded the same data already
+    cfg = tiny_cfg("train.max_steps=1", f"data.cache_dir={tmp_path / 'cache'}")
     run_sft(cfg, tmp_path / "sft", "sft", progress=progress, status=said.append)
     assert said[0] == f"loading the model ({cfg.model.llm} + {cfg.model.vision})"
     assert said[1] == f"reading and encoding {cfg.data.train}"
