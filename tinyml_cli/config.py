@@ -72,6 +72,11 @@ class DataConfig:
                               "(model.llm + model.vision), not model.vlm, xattn or prompt / prefix tuning")
     num_workers: int = _f(0, "DataLoader worker processes that open and pre-process each batch's images ahead of the "
                              "training step (0: in the training process); memory is pinned on CUDA")
+    streaming: bool = _f(False, "sft / pretrain-align: read data.train (parquet, a datasets folder or a hub id) as a stream, a block "
+                                "at a time, encoded as training reaches it: nothing cached or held whole; needs train.max_steps; "
+                                "resume is exact")
+    stream_block: int = _f(1024, "data.streaming: records read, encoded and shuffled together (the order is the data set's, "
+                                 "shuffled within blocks)")
 
 
 @dataclass
@@ -334,6 +339,14 @@ def check(cfg: RunConfig) -> RunConfig:
     if cfg.data.packing and (cfg.model.vlm or cfg.model.connector == "xattn" or p.method in ("prompt-tuning", "prefix-tuning")):
         raise UserError("data.packing needs a composed model (model.llm + model.vision, not xattn) and a method other than "
                         "prompt-tuning / prefix-tuning")
+    if cfg.data.streaming:
+        why = [need for bad, need in (
+            (t.max_steps <= 0, "train.max_steps (a stream's length is not known before it is read)"),
+            (cfg.data.num_workers > 0, "data.num_workers=0 (its batches are made in the training process)"),
+            (cfg.data.group_by_length, "data.group_by_length=false (it sorts the whole data set's lengths)"),
+        ) if bad]
+        if why:
+            raise UserError("data.streaming needs " + "; ".join(why))
     if cfg.model.vlm and p.method in ("ia3", "adapter", "prompt-tuning", "prefix-tuning", "llama-adapter", "tinytl"):
         raise UserError(f"peft.method={p.method} is not available for model.vlm checkpoints: use full, freeze, "
                         "lora, dora, qlora or bitfit")
@@ -346,6 +359,7 @@ def check(cfg: RunConfig) -> RunConfig:
     bounds = [("train.batch_size", t.batch_size >= 1, "at least 1"), ("train.grad_accum", t.grad_accum >= 1, "at least 1"),
               ("train.max_steps", t.max_steps >= 0, "0 or more"), ("data.max_length", cfg.data.max_length >= 1, "at least 1"),
               ("data.num_proc", cfg.data.num_proc >= 0, "0 or more"), ("data.num_workers", cfg.data.num_workers >= 0, "0 or more"),
+              ("data.stream_block", cfg.data.stream_block >= 1, "at least 1"),
               ("peft.virtual_tokens", p.virtual_tokens >= 1, "at least 1"),
               ("peft.adapter_layers", p.adapter_layers >= 1, "at least 1"), ("peft.adapter_size", p.adapter_size >= 1, "at least 1"),
               ("pref.beta", pref.beta > 0, "> 0"), ("pref.label_smoothing", 0 <= pref.label_smoothing < 0.5, "in [0, 0.5)"),

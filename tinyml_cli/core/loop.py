@@ -140,6 +140,31 @@ class ExampleBatches:
         self.done = state["done"]
 
 
+class StreamBatches:
+    """The batch source of `data.streaming`: records taken from a `records.stream.RecordStream` in its order, each
+    global batch of batch_size x processes split by rank and collated in the training process. Its state is the
+    stream's position, so a resumed run takes the records an uninterrupted one would."""
+
+    def __init__(self, stream, collate):
+        self.stream, self.collate = stream, collate
+
+    def steps(self, tcfg, world: int) -> int:
+        return tcfg.max_steps  # a stream's length is unknown: the recipe check asks for train.max_steps
+
+    def batches(self, acc, tcfg, model):
+        records = iter(self.stream)
+        world, rank = acc.num_processes, acc.process_index
+        while True:
+            chunk = list(itertools.islice(records, tcfg.batch_size * world))
+            yield {"epoch": self.stream.epoch}, self.collate(chunk[rank::world] or chunk[:tcfg.batch_size])
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+
 def _rng_state() -> dict:
     st = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():

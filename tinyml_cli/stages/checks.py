@@ -53,6 +53,13 @@ def check_run(cfg: RunConfig, command: str) -> None:
     if not cfg.data.train:
         raise UserError(f"data.train is not set ({TRAIN_DATA[command]})")
     check_source("data.train", cfg.data.train)
+    if cfg.data.streaming:
+        from ..records.stream import streamable
+        if command not in ("sft", "pretrain-align"):
+            raise UserError(f"data.streaming is read by sft and pretrain-align; {command} reads its data in memory")
+        if not streamable(cfg.data.train):
+            raise UserError(f"data.streaming reads parquet, `datasets` folders and hub ids, not {cfg.data.train} (a JSON / "
+                            "JSONL file is encoded once into data.cache_dir, which keeps no copy of its images)")
     if cfg.data.eval and command in USES_EVAL:
         check_source("data.eval", cfg.data.eval)
     if command != "bitdelta compress":  # it loads BASE and FINETUNED, not the recipe's model
