@@ -83,6 +83,16 @@ def pretrain_llm(tok, texts: list[str], steps: int, seed: int, hidden: int = 64,
     return llm, losses
 
 
+# SigLIP initialises its position embeddings at std 1/sqrt(width), small beside a patch's content: in the tiny tower
+# the column of an object's token was 0.6 % of the variance of the tower's output over object tokens (colour: 44 %),
+# and 200 contrastive steps did not grow it. The LLM then had to find "left or right" in a faint signal, and the
+# demo's position answers sat on a plateau: 0.83 after 3300 sft steps at seed 0, the asked-about object's side not
+# found in three-object scenes (0.64, what guessing the side of the most objects gives). Ten times that init makes
+# the column 21 % of the variance (24 % after the connector) at the same SigLIP loss, and sft answers position
+# 0.995 by step 900 (measured on 600 held-out questions; see the README's demo section).
+POSITION_INIT_SCALE = 10.0
+
+
 def pretrain_vision(tok, images: list, captions: list[str], steps: int, seed: int, hidden: int = 64,
                     layers: int = 3, image_size: int = synth.IMAGE_SIZE, patch: int = 16):
     from transformers import (
@@ -102,6 +112,8 @@ def pretrain_vision(tok, images: list, captions: list[str], steps: int, seed: in
         num_attention_heads=4, max_position_embeddings=32, pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
     model = SiglipModel(cfg)
+    with torch.no_grad():
+        model.vision_model.embeddings.position_embedding.weight.mul_(POSITION_INIT_SCALE)
     proc = SiglipImageProcessor(size={"height": image_size, "width": image_size})
     pix = proc(images=images, return_tensors="pt")["pixel_values"]
     ids = tok(captions, padding="max_length", max_length=32, truncation=True, return_tensors="pt")["input_ids"]
