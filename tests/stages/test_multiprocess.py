@@ -94,13 +94,17 @@ def test_fsdp2_config_on_two_cpu_processes_matches_one_and_resumes(tiny, shapes,
     for x, y in zip(a, b):
         assert abs(x - y) <= 1e-3 * x, (a, b)
 
+    # fp32 rounding as AdamW passes it on: each update is g / (sqrt(v) + eps), so where a gradient is near eps (1e-8)
+    # a difference in the last bits of the sharded reduction moves the update by up to lr * dg / eps. Measured:
+    # 2.7e-5 after 4 steps at lr 1e-3 on the tiny default. A sharding error (a shard not reduced or not stepped)
+    # moves a weight by about lr = 1e-3 per step.
     def same_model(ref):
         got = _safetensors(tmp_path / "two")
         assert got.keys() == ref.keys() and len(ref) == 3  # connector, llm, vision
         for f, tensors in ref.items():
             assert got[f].keys() == tensors.keys()
             for k, v in tensors.items():
-                assert (got[f][k].float() - v.float()).abs().max() <= 1e-5, (f, k)
+                assert (got[f][k].float() - v.float()).abs().max() <= 1e-4, (f, k)
     ref = _safetensors(tmp_path / "one")
     same_model(ref)
     (tmp_path / "two" / "llm" / "model.safetensors").unlink()  # the resumed run must write it again
