@@ -50,18 +50,28 @@ def _split(ds, source: str, split: str | None):
     return ds[want]
 
 
+def is_saved_dataset(p: Path) -> bool:
+    """A folder `datasets`' save_to_disk wrote."""
+    return p.is_dir() and any((p / m).is_file() for m in TABLE_MARKERS)
+
+
+def parquet_files(p: Path) -> list[str]:
+    """A parquet file, or the parquet files under a folder (sorted); a folder without any is an error."""
+    files = [p] if p.is_file() else sorted(p.rglob("*.parquet"))
+    if not files:
+        raise UserError(f"{p}: no parquet file and no `datasets` folder (save_to_disk) here")
+    return [str(f) for f in files]
+
+
 def table_records(source: str | Path) -> list[tuple[int, dict]]:
     """(row number from 1, record) pairs of a parquet file / folder, a save_to_disk folder or a hub id."""
     datasets = _need_datasets()
     src = str(source)
     p = Path(src)
-    if p.is_dir() and any((p / m).is_file() for m in TABLE_MARKERS):
+    if is_saved_dataset(p):
         ds = _split(datasets.load_from_disk(src), src, None)
     elif p.is_dir() or p.suffix == ".parquet":
-        files = [p] if p.is_file() else sorted(p.rglob("*.parquet"))
-        if not files:
-            raise UserError(f"{p}: no parquet file and no `datasets` folder (save_to_disk) here")
-        ds = datasets.Dataset.from_parquet([str(f) for f in files])
+        ds = datasets.Dataset.from_parquet(parquet_files(p))
     else:  # a hub id
         if _offline():
             raise UserError(source_problem(src))

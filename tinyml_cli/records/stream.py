@@ -20,7 +20,16 @@ import random
 from pathlib import Path
 
 from .. import UserError
-from .sources import TABLE_MARKERS, _need_datasets, _split, is_hub_id, is_table, rename_columns, source_problem
+from .sources import (
+    _need_datasets,
+    _split,
+    is_hub_id,
+    is_saved_dataset,
+    is_table,
+    parquet_files,
+    rename_columns,
+    source_problem,
+)
 
 
 def streamable(source: str) -> bool:
@@ -32,13 +41,10 @@ def open_stream(source: str):
     """The data set as a `datasets` IterableDataset in its own order, image columns left as undecoded bytes."""
     datasets = _need_datasets()
     p = Path(source)
-    if p.is_dir() and any((p / m).is_file() for m in TABLE_MARKERS):
+    if is_saved_dataset(p):
         ds = _split(datasets.load_from_disk(source), source, None).to_iterable_dataset()
     elif p.is_dir() or p.suffix == ".parquet":
-        files = [p] if p.is_file() else sorted(p.rglob("*.parquet"))
-        if not files:
-            raise UserError(f"{p}: no parquet file and no `datasets` folder (save_to_disk) here")
-        ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=True)
+        ds = datasets.load_dataset("parquet", data_files=parquet_files(p), split="train", streaming=True)
     else:
         problem = source_problem(source)
         if problem:
