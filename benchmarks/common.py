@@ -246,6 +246,18 @@ def strip_image(text: str) -> str:
     return text.replace("<image>\n", "").replace("<image>", "")
 
 
+def trl_preference_rows(work: Path) -> list[tuple[dict, list[dict], object]]:
+    """The shared preference pairs as TRL reads them: (record, prompt turns without the `<image>` marker, RGB image)."""
+    from PIL import Image
+    path = Path(preferences(work))
+    rows = []
+    for line in open(path, encoding="utf-8"):
+        rec = json.loads(line)
+        prompt = [{"role": m["role"], "content": strip_image(m["content"])} for m in rec["prompt"]]
+        rows.append((rec, prompt, Image.open(path.parent / rec["image"]).convert("RGB")))
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------ driving
 def run_side(script: str, args: list[str]) -> dict:
     """Run one side in a fresh interpreter (no shared allocator or caches); returns its JSON line."""

@@ -60,18 +60,11 @@ def trl_side(info: dict, a) -> tuple:
     """TRL's DPOTrainer on the Llava model with its processor (its vision preference collator)."""
     import torch
     from datasets import Dataset
-    from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
     from trl import DPOConfig, DPOTrainer
 
-    path = Path(common.preferences(Path(a.work)))
-    rows = []
-    for line in open(path, encoding="utf-8"):
-        rec = json.loads(line)
-        prompt = [{"role": m["role"], "content": common.strip_image(m["content"])} for m in rec["prompt"]]
-        rows.append({"images": [Image.open(path.parent / rec["image"]).convert("RGB")], "prompt": prompt,
-                     "chosen": rec["chosen"], "rejected": rec["rejected"]})
-    data = Dataset.from_list(rows)
+    data = Dataset.from_list([{"images": [image], "prompt": prompt, "chosen": rec["chosen"], "rejected": rec["rejected"]}
+                              for rec, prompt, image in common.trl_preference_rows(Path(a.work))])
     processor = AutoProcessor.from_pretrained(info["llava"])
     model = LlavaForConditionalGeneration.from_pretrained(info["llava"], dtype=torch.float32)
     clock = common.StepClock(common.TokenCounter(model))

@@ -55,19 +55,12 @@ def trl_side(info: dict, a) -> tuple:
     """TRL's GRPOTrainer on the Llava model with its processor (conversational prompts with an image column)."""
     import torch
     from datasets import Dataset
-    from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
     from trl import GRPOConfig, GRPOTrainer
 
     from tinyml_cli.records.scoring import normalize
-    path = Path(common.preferences(Path(a.work)))
-    rows = []
-    for line in open(path, encoding="utf-8"):
-        rec = json.loads(line)
-        prompt = [{"role": m["role"], "content": common.strip_image(m["content"])} for m in rec["prompt"]]
-        rows.append({"image": Image.open(path.parent / rec["image"]).convert("RGB"), "prompt": prompt,
-                     "answer": rec["chosen"][0]["content"]})
-    data = Dataset.from_list(rows)
+    data = Dataset.from_list([{"image": image, "prompt": prompt, "answer": rec["chosen"][0]["content"]}
+                              for rec, prompt, image in common.trl_preference_rows(Path(a.work))])
     processor = AutoProcessor.from_pretrained(info["llava"])
     model = LlavaForConditionalGeneration.from_pretrained(info["llava"], dtype=torch.float32)
     clock = common.StepClock(common.TokenCounter(model))

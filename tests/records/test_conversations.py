@@ -41,6 +41,25 @@ def test_text_matches_chat_template(enc, tiny_model):
     assert text == tok.apply_chat_template(CONV, tokenize=False)
 
 
+def test_the_compiled_template_encodes_as_apply_chat_template(tiny_model, monkeypatch):
+    """The fast path (transformers' compiled template called directly) gives the same ids and labels as
+    apply_chat_template, with a system prompt and for generation; a template it renders differently is not used."""
+    tok = tiny_model.tokenizer
+    convs = [CONV, CONV[:2], [{"role": "system", "content": "Be brief."}, *CONV]]
+    fast = Encoder(tok, tiny_model.num_image_tokens, max_length=256, system_prompt="Answer in one word.")
+    slow = Encoder(tok, tiny_model.num_image_tokens, max_length=256, system_prompt="Answer in one word.")
+    slow._template = False
+    for c in convs:
+        assert fast.encode(c, 1) == slow.encode(c, 1)
+        assert fast.encode(c[:-1], 1, for_generation=True) == slow.encode(c[:-1], 1, for_generation=True)
+    assert fast._template
+    real = tok.apply_chat_template
+    monkeypatch.setattr(tok, "apply_chat_template", lambda *a, **k: real(*a, **k).replace("<|end|>", "<|end|>\n"))
+    other = Encoder(tok, tiny_model.num_image_tokens, max_length=256)
+    other.encode(CONV, 1)
+    assert other._template is False
+
+
 def test_generation_prompt_ends_with_assistant_tag(enc, tiny_model):
     ids, labels = enc.encode(CONV[:2], 1, for_generation=True)
     assert tiny_model.tokenizer.decode(ids[-1:]) == "<|assistant|>"
