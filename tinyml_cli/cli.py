@@ -133,7 +133,7 @@ PREF_DEFAULTS = {"train.parts": ["connector", "llm"]}
 @app.command("pretrain-align")
 def pretrain_align(config: Config = None, set_: TrainSets = None, output_dir: RunDir = None, json_mode: Json = False,
                    resume: Resume = False, overwrite: Overwrite = False):
-    """Stage 1: train only the connector on image captions (vision encoder and LLM frozen).
+    """Stage 1 on image captions: the connector alone by default (LLaVA / TinyLLaVA "base"); train.parts can add the LLM and vision tower (TinyLLaVA "share", as tiny_align does).
 
     Example: tinyml pretrain-align -c tiny_align -o runs/align
     """

@@ -1,6 +1,7 @@
 """pretrain-align and sft: supervised training of the parts a recipe names, on image conversations.
 
-pretrain-align is stage 1 of the LLaVA / TinyLLaVA "base" recipe (connector only, on captions); sft is
+pretrain-align is stage 1 on captions (the connector alone by default, LLaVA / TinyLLaVA "base"; more parts with
+train.parts, TinyLLaVA "share"); sft is
 stage 2 (multi-turn conversations, loss on assistant tokens only), full, freeze or a peft method.
 """
 
