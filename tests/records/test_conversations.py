@@ -46,18 +46,18 @@ def test_the_compiled_template_encodes_as_apply_chat_template(tiny_model, monkey
     apply_chat_template, with a system prompt and for generation; a template it renders differently is not used."""
     tok = tiny_model.tokenizer
     convs = [CONV, CONV[:2], [{"role": "system", "content": "Be brief."}, *CONV]]
-    fast = Encoder(tok, tiny_model.num_image_tokens, max_length=256, system_prompt="Answer in one word.")
-    slow = Encoder(tok, tiny_model.num_image_tokens, max_length=256, system_prompt="Answer in one word.")
-    slow._template = False
+    fast = Encoder(tok, tiny_model.num_image_tokens, 256, "Answer in one word.", render=tiny_model.render_chat)
+    slow = Encoder(tok, tiny_model.num_image_tokens, 256, "Answer in one word.")
     for c in convs:
         assert fast.encode(c, 1) == slow.encode(c, 1)
         assert fast.encode(c[:-1], 1, for_generation=True) == slow.encode(c[:-1], 1, for_generation=True)
-    assert fast._template
+    assert fast.render is not None
     real = tok.apply_chat_template
     monkeypatch.setattr(tok, "apply_chat_template", lambda *a, **k: real(*a, **k).replace("<|end|>", "<|end|>\n"))
-    other = Encoder(tok, tiny_model.num_image_tokens, max_length=256)
-    other.encode(CONV, 1)
-    assert other._template is False
+    other = Encoder(tok, tiny_model.num_image_tokens, 256, render=tiny_model.render_chat)
+    plain = Encoder(tok, tiny_model.num_image_tokens, 256)
+    assert other.encode(CONV, 1) == plain.encode(CONV, 1)  # apply_chat_template's rendering, newlines and all
+    assert other.render is None
 
 
 def test_generation_prompt_ends_with_assistant_tag(enc, tiny_model):

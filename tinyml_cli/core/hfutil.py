@@ -49,6 +49,26 @@ def prepare_tokenizer(tok, llm) -> None:
         llm.resize_token_embeddings(len(tok))
 
 
+def compiled_chat_template(tok):
+    """The tokenizer's chat template as a function (messages, add_generation_prompt) -> text, or None.
+
+    `apply_chat_template` spends more time normalising the messages and its arguments than rendering them: calling
+    transformers' compiled template (a private function) directly encodes a shapes record in 1.26 ms instead of
+    1.77 (the data-scale benchmark's tokenizer), and a 665k set's cold first step took 403 s instead of 622 s on 2
+    cores. The Encoder uses it only once it renders the data's first conversation as apply_chat_template does."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template, _plain_template_data
+        template = _compile_jinja_template(tok.get_chat_template())
+        specials = _plain_template_data(dict(tok.special_tokens_map))
+    except Exception:  # another transformers, or no template: apply_chat_template says what is wrong
+        return None
+
+    def render(messages, add_generation_prompt):
+        return template.render(messages=messages, tools=None, documents=None,
+                               add_generation_prompt=add_generation_prompt, **specials)
+    return render
+
+
 def labelled_loss(logits_at, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled positions (both kinds of model).
 

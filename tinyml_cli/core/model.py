@@ -31,6 +31,7 @@ from .hfutil import (  # noqa: F401
     DEFAULT_CHAT_TEMPLATE,
     _hf_load,
     adapters_lifted,
+    compiled_chat_template,
     labelled_loss,
     llm_source,
     prepare_tokenizer,
@@ -124,6 +125,10 @@ class LMM(nn.Module):
     @property
     def image_tokens(self):
         return None  # every image is num_image_tokens copies of the image token
+
+    @property
+    def render_chat(self):
+        return compiled_chat_template(self.tokenizer)
 
     def collator(self, left_pad: bool = False):
         """The collator of this model's records (padding, pixel tensors)."""
@@ -469,4 +474,5 @@ def recipe_encoder(cfg) -> Encoder:
                  or (vcfg.image_size // vcfg.patch_size) ** 2)
     tok = _hf_load(AutoTokenizer.from_pretrained, llm, "tokenizer", trust_remote_code=m.trust_remote_code)
     prepare_tokenizer(tok, None)
-    return encoder_for(SimpleNamespace(tokenizer=tok, num_image_tokens=n_img), cfg.data)
+    return encoder_for(SimpleNamespace(tokenizer=tok, num_image_tokens=n_img, render_chat=compiled_chat_template(tok)),
+                       cfg.data)

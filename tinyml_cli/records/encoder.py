@@ -18,20 +18,29 @@ class Encoder:
     """
 
     def __init__(self, tokenizer, num_image_tokens: int | None, max_length: int, system_prompt: str = "",
-                 images=None):
+                 images=None, render=None):
         self.tok, self.n_img, self.max_length, self.system = tokenizer, num_image_tokens, max_length, system_prompt
         self.images = images
         self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if images is None else None
         self.placeholder = IMAGE_TOKEN if images is None else images.placeholder
-        self._template = None  # the compiled chat template, once it has rendered as apply_chat_template does
+        # render(messages, add_generation_prompt): a faster way to the tokenizer's chat template (see
+        # core.hfutil.compiled_chat_template), used once it has rendered the first conversation exactly as
+        # apply_chat_template does, with and without the generation prompt
+        self.render, self._render_checked = render, False
 
     def _render(self, msgs, gen_prompt: bool) -> str:
         if self.images is not None:
             return self.images.render(msgs, gen_prompt)
-        if self._template is None:
-            self._template = _compiled_template(self.tok, msgs)
-        if self._template:
-            return self._template(messages=msgs, add_generation_prompt=gen_prompt)
+        if self.render and not self._render_checked:
+            self._render_checked = True
+            try:
+                same = all(self.render(msgs, g) == self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=g)
+                           for g in (True, False))
+            except Exception:  # apply_chat_template, below, says what is wrong
+                same = False
+            self.render = self.render if same else None
+        if self.render:
+            return self.render(msgs, gen_prompt)
         return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
 
     def _pieces(self, text: str) -> list:
@@ -114,34 +123,8 @@ class Encoder:
         return ids, labels
 
 
-def _compiled_template(tok, msgs: list[dict]):
-    """The tokenizer's chat template as a function of (messages, add_generation_prompt), or False.
-
-    `apply_chat_template` spends more time normalising the messages and its arguments than rendering them: calling
-    the compiled template directly encodes a shapes record in 0.95 ms instead of 1.8 (measured on the data-scale
-    benchmark's tokenizer), the difference between a 665k set's first step in 6 and in 10 minutes on 2 cores. The
-    compiled template is transformers' own (private) one; it is used only if it renders the first conversation
-    exactly as `apply_chat_template` does, both with and without the generation prompt."""
-    try:
-        from transformers.utils.chat_template_utils import _compile_jinja_template, _plain_template_data
-        template = _compile_jinja_template(tok.get_chat_template())
-        specials = _plain_template_data(dict(tok.special_tokens_map))
-    except Exception:  # another transformers, or no template: apply_chat_template says what is wrong
-        return False
-
-    def render(messages, add_generation_prompt):
-        return template.render(messages=messages, tools=None, documents=None,
-                               add_generation_prompt=add_generation_prompt, **specials)
-    try:
-        same = all(render(msgs, g) == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=g)
-                   for g in (True, False))
-    except Exception:
-        return False
-    return render if same else False
-
-
 def encoder_for(model, data) -> Encoder:
     """The Encoder of a model (anything with `tokenizer` and `num_image_tokens`, and for a processor-based model
     `image_tokens`) under a recipe's `data` section."""
     return Encoder(model.tokenizer, model.num_image_tokens, data.max_length, data.system_prompt,
-                   getattr(model, "image_tokens", None))
+                   getattr(model, "image_tokens", None), getattr(model, "render_chat", None))
