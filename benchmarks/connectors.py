@@ -62,9 +62,11 @@ def main() -> None:
     rows = []
     for kind in args.connectors.split(","):
         base = [f"data.eval={files['eval']}", *SETS.get(kind, [])]
+        # stage 1 trains the connector alone, so it compares connectors on the same frozen LLM and tower
+        # (tiny_align itself trains every part: the demo's share recipe)
         align = load_config("tiny_align", base + [f"model.llm={tiny['llm']}", f"model.vision={tiny['vision']}",
                                                   f"model.connector={kind}", f"data.train={files['captions']}",
-                                                  f"train.max_steps={args.align_steps}"])
+                                                  f"train.max_steps={args.align_steps}", "train.parts=[connector]"])
         with ui.training_bar(con, f"{kind} align") as bar:
             run_sft(align, out / kind / "align", "pretrain-align", progress=bar)
         sets = base + [f"model.init_from={out / kind / 'align'}", f"data.train={files['train']}",
