@@ -133,7 +133,10 @@ PREF_DEFAULTS = {"train.parts": ["connector", "llm"]}
 @app.command("pretrain-align")
 def pretrain_align(config: Config = None, set_: TrainSets = None, output_dir: RunDir = None, json_mode: Json = False,
                    resume: Resume = False, overwrite: Overwrite = False):
-    """Stage 1 on image captions: the connector alone by default (LLaVA / TinyLLaVA "base"); train.parts can add the LLM and vision tower (TinyLLaVA "share", as tiny_align does).
+    """Stage 1: train on image captions (the connector alone unless train.parts says more).
+
+    The connector alone is LLaVA / TinyLLaVA's "base" recipe; connector, LLM and vision together are TinyLLaVA's
+    "share" recipe, which the tiny default's tiny_align uses.
 
     Example: tinyml pretrain-align -c tiny_align -o runs/align
     """
