@@ -4,7 +4,7 @@
 
 (W: a `benchmarks/real_llm.py --work W` folder, SmolLM2-135M-Instruct + the tiny SigLIP tower, LoRA merged.)
 For the fp32 ONNX export and each `--variants` entry (ALGORITHM:BLOCK, algorithms of `edge.int4`: rtn, hqq,
-gptq; options `:head=8` keeps lm_head at 8 bits, `:acc=0` computes in fp32 instead of MatMulNBits' int8
+gptq; `nf4` / `int8`: bitsandbytes in PyTorch (the model folder's safetensors as bytes); options `:b8=lm_head+v_proj+down_proj` keeps those decoder projections at 8 bits, `:acc=0` computes in fp32 instead of MatMulNBits' int8
 activations (accuracy level 4), `:emb=0` keeps the embedding table fp32; all asymmetric, accuracy level 4, int4 embeddings as `tinyml quantize` makes them), on the held-out records,
 with tinyml's torch-free runner:
 - vqa_accuracy: exact-match answers (greedy, `--new-tokens`), as `tinyml eval`;
@@ -79,6 +79,40 @@ def measure(folder: Path, a, ref_tokens=None) -> dict:
     return row
 
 
+def measure_bnb(folder: Path, a, ref_tokens) -> dict:
+    """A bitsandbytes copy (`tinyml quantize --method nf4|int8`) measured the same way, in PyTorch."""
+    import torch
+
+    from tinyml_cli.config import load_config
+    from tinyml_cli.core.generation import generated_tokens
+    from tinyml_cli.core.model import load_model
+    from tinyml_cli.records.conversations import eval_examples, load_examples
+    from tinyml_cli.records.encoder import encoder_for
+    from tinyml_cli.records.scoring import score
+    torch.set_num_threads(a.threads)
+    model = load_model(folder)
+    cfg = load_config(None, ["data.system_prompt=Answer briefly.", "data.max_length=256"])
+    enc = encoder_for(model, cfg.data)
+    gen = eval_examples(a.data, enc, cfg.data)[:a.prompts]
+    full = load_examples(a.data, enc, "fail")[0][:a.prompts]
+    t = time.time()
+    tokens = generated_tokens(model, gen, a.new_tokens, batch_size=8)
+    answers = [model.tokenizer.decode(x, skip_special_tokens=True).strip() for x in tokens]
+    nll, n, collate = 0.0, 0, model.collator()
+    with torch.no_grad():
+        for e in full:
+            batch = collate([e])
+            k = int((batch["labels"][:, 1:] != -100).sum())
+            nll += float(model(**batch)) * k
+            n += k
+    pairs = [(x, y) for u, v in zip(ref_tokens, tokens) for x, y in zip(u, v)]
+    return {"bytes": sum(f.stat().st_size for f in folder.rglob("*.safetensors")), "llm_only_bytes": True,
+            "vqa_accuracy": score(gen, answers)["vqa_accuracy"], "perplexity": math.exp(nll / n),
+            "seconds": time.time() - t, "tokens": tokens,
+            "greedy_match": sum(x == y for x, y in pairs) / max(len(pairs), 1),
+            "prompts_equal": sum(u == v for u, v in zip(ref_tokens, tokens)) / len(tokens)}
+
+
 def calibration(fp32: Path, a) -> list[dict]:
     from tinyml_cli.config import load_config
     from tinyml_cli.edge.runner import OnnxLMM
@@ -114,7 +148,18 @@ def main() -> None:
     ref = rows["fp32"]["tokens"]
     calib = None
     for v in a.variants.split(","):
-        algo, block, *opts = v.split(":")  # ALGORITHM:BLOCK[:head=8][:acc=0][:emb=0]
+        if v in ("nf4", "int8"):  # bitsandbytes, in PyTorch
+            folder = work / v
+            if not (folder / "tinyml_model.json").is_file():
+                from tinyml_cli.core.quantize import quantize_bnb
+                t = time.time()
+                quantize_bnb(a.model, folder, v)
+                (folder / "quantize_seconds").write_text(str(time.time() - t))
+            rows[v] = measure_bnb(folder, a, ref) | {"quantize_seconds": float((folder / "quantize_seconds").read_text())}
+            if not a.json:
+                print(v, {k: x for k, x in rows[v].items() if k != "tokens"}, flush=True)
+            continue
+        algo, block, *opts = v.split(":")  # ALGORITHM:BLOCK[:b8=lm_head+v_proj][:acc=0][:emb=0]
         opts = dict(o.split("=") for o in opts)
         folder = work / v.replace(":", "-").replace("=", "")
         if not (folder / META).is_file():
@@ -122,7 +167,7 @@ def main() -> None:
                 calib = calibration(fp32, a)
             t = time.time()
             quantize_onnx(fp32, folder, int(block), algorithm=algo, calibration=list(calib or []),
-                          head_bits=int(opts.get("head", 4)), accuracy_level=int(opts.get("acc", 4)),
+                          eight_bit=tuple(x for x in opts.get("b8", "").split("+") if x), accuracy_level=int(opts.get("acc", 4)),
                           embeddings=opts.get("emb", "1") == "1")
             (folder / "quantize_seconds").write_text(str(time.time() - t))
         rows[v] = measure(folder, a, ref) | {"quantize_seconds": float((folder / "quantize_seconds").read_text())}

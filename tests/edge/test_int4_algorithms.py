@@ -39,3 +39,37 @@ def test_gptq_without_calibration_and_unknown_algorithms_are_refused(exported, t
     with pytest.raises(UserError, match="must be one of rtn, kquant, hqq, gptq"):
         quantize_onnx(exported, tmp_path / "b", algorithm="awq")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_eight_bit_projections_are_8bit_matmulnbits_and_closer_to_fp32(exported, tmp_path):
+    """`eight_bit` keeps the named decoder projections (and lm_head) at 8 bits, everything else at 4; `()` is
+    4 bits throughout."""
+    import numpy as np
+    import onnx
+
+    from tinyml_cli import UserError
+    from tinyml_cli.edge.int4 import quantize_onnx
+    from tinyml_cli.edge.runner import OnnxLMM
+    plain = quantize_onnx(exported, tmp_path / "q4", 32, algorithm="rtn", eight_bit=())
+    mixed = quantize_onnx(exported, tmp_path / "mix", 32, algorithm="rtn", eight_bit=("lm_head", "v_proj", "down_proj"))
+    bits = {n.name: a.i for n in onnx.load(str(tmp_path / "mix" / "decoder.onnx")).graph.node
+            if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    eight = {n for n, b in bits.items() if b == 8}
+    assert eight and all(("/v_proj/" in n or "/down_proj/" in n or "lm_head" in n) for n in eight)
+    assert any("lm_head" in n for n in eight) and {b for n, b in bits.items() if n not in eight} == {4}
+    assert mixed["size_ratio"] > plain["size_ratio"]
+    assert not [n for n in onnx.load(str(tmp_path / "q4" / "decoder.onnx")).graph.node
+                for a in n.attribute if a.name == "bits" and a.i != 4]
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from int4_quality import decoder_feed
+    fp32 = OnnxLMM(exported)
+    ids = fp32.tokenizer("a red circle at the top left")["input_ids"]
+    logits = {k: r.sessions["decoder"].run(["logits"], decoder_feed(r, ids, []))[0]
+              for k, r in {"fp32": fp32, "q4": OnnxLMM(tmp_path / "q4"), "mix": OnnxLMM(tmp_path / "mix")}.items()}
+    err = {k: float(np.abs(logits[k] - logits["fp32"]).mean()) for k in ("q4", "mix")}
+    assert err["mix"] < err["q4"], err
+    with pytest.raises(UserError, match="unknown projection 'mlp'"):
+        quantize_onnx(exported, tmp_path / "bad", eight_bit=("mlp",))
+    assert not (tmp_path / "bad").exists()

@@ -1,15 +1,16 @@
 """int4 weight-only ONNX: onnxruntime's MatMulNBits quantizer over a `tinyml export` folder.
 
 Every MatMul with a constant weight becomes `MatMulNBits` (the LLM's projections and lm_head, the vision tower's
-and the connector's linears) and, by default, the token-embedding Gather becomes `GatherBlockQuantized`: in a
-small LLM the embedding and lm_head are a large share of the weights. Blocks of `block_size` input channels
+and the connector's linears) at 4 bits, but for the decoder projections named in `eight_bit` (by default the
+attention values and the MLP's down projection) at 8 bits, and, by default, the token-embedding Gather becomes
+`GatherBlockQuantized` at 4 bits: in a small LLM the embedding and lm_head are a large share of the weights. Blocks of `block_size` input channels
 share one fp32 scale (and a 4-bit zero point unless symmetric). `accuracy_level` is MatMulNBits' compute type:
 4 (the default, as onnxruntime-genai's CPU models) multiplies int8-quantized activations with the int4 weights,
 0 computes in fp32 on dequantized weights; 4 decodes ~1.4x faster on a CPU (benchmarks/decode.py).
 
-`algorithm` picks how the 4-bit values are chosen (benchmarks/int4_quality.py compares them on real weights;
-kquant, the default, kept the most of SmolLM2-135M at the same size):
-`rtn` rounds each block to its nearest levels (min/max scale and zero point); `kquant` (Intel Neural
+`algorithm` picks how the 4-bit values are chosen (benchmarks/int4_quality.py compares them on real weights:
+with the default 8-bit projections rtn kept the most of SmolLM2-135M):
+`rtn`, the default, rounds each block to its nearest levels (min/max scale and zero point); `kquant` (Intel Neural
 Compressor's k-quant, as onnxruntime ships it) searches each block's scale and zero point for the least
 weighted error, in the manner of llama.cpp's k-quants; `hqq` (Half-Quadratic
 Quantization) optimizes each block's scale and zero point for the weight error, without data; `gptq` quantizes the
@@ -86,25 +87,36 @@ def _quantizer(model, part: str, block_size: int, symmetric: bool, accuracy_leve
                                 nodes_to_exclude=list(exclude))
 
 
-def _head_to_8bit(model, block_size: int, symmetric: bool, accuracy_level: int):
-    """The decoder's lm_head at 8 bits (llama.cpp's q4 files also keep the output layer above 4 bits; the
-    quantizer's int4-only Gather keeps the embedding table at 4): returns the model and the node done."""
+# The decoder projections kept at 8 bits by default: the attention values and the MLP's down projection, the
+# tensors llama.cpp's Q4_K_M keeps above 4 bits too. On SmolLM2-135M they held the answer perplexity to fp32's
+# (+18 % with every projection at 4 bits) for 15 % more bytes, with rtn (kquant: +4 %; benchmarks/int4_quality.py).
+EIGHT_BIT_DEFAULT: tuple[str, ...] = ("v_proj", "down_proj")
+EIGHT_BIT = ("lm_head", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _to_8bit(model, names: tuple[str, ...], block_size: int, symmetric: bool, accuracy_level: int):
+    """The decoder's MatMuls named in `names` (projection names as in EIGHT_BIT; `lm_head` is the MatMul with the
+    most outputs) at 8 bits, as llama.cpp's K-quant mixes keep some tensors above 4 bits: returns the model and
+    the nodes done, for the 4-bit pass to leave alone."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     head = _lm_head(model)
-    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head]
+    inits = {i.name for i in model.graph.initializer}
+    done = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+            and ((n.name == head and "lm_head" in names) or any(f"/{p}/" in n.name for p in names))]
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in done]
     q = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=symmetric,
                              accuracy_level=accuracy_level or None, op_types_to_quantize=("MatMul",),
                              quant_axes=(("MatMul", 0),), nodes_to_exclude=others)
     q.process()
-    return q.model.model, [head]
+    return q.model.model, done
 
 
 def quantize_onnx(src: str | Path, out: str | Path, block_size: int = 32, symmetric: bool = False,
-                  embeddings: bool = True, accuracy_level: int = 4, algorithm: str = "kquant",
-                  calibration: list[dict] | None = None, head_bits: int = 4) -> dict:
+                  embeddings: bool = True, accuracy_level: int = 4, algorithm: str = "rtn",
+                  calibration: list[dict] | None = None, eight_bit: tuple[str, ...] = EIGHT_BIT_DEFAULT) -> dict:
     """Write an int4 copy of an ONNX export; returns the sizes before and after and their ratio. `gptq` needs
     `calibration`: decoder input dicts (inputs_embeds, attention_mask, position_ids and an empty cache).
-    `head_bits=8` keeps the decoder's lm_head at 8 bits."""
+    `eight_bit` names the decoder projections kept at 8 bits (EIGHT_BIT)."""
     import logging
     import warnings
 
@@ -122,8 +134,9 @@ def quantize_onnx(src: str | Path, out: str | Path, block_size: int = 32, symmet
         raise UserError(f"--accuracy-level must be 0 (fp32 compute) to 4 (int8 compute), got {accuracy_level}")
     if algorithm not in ALGORITHMS:
         raise UserError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, got '{algorithm}'")
-    if head_bits not in (4, 8):
-        raise UserError(f"--head-bits must be 4 or 8, got {head_bits}")
+    unknown = [p for p in eight_bit if p not in EIGHT_BIT]
+    if unknown:
+        raise UserError(f"--eight-bit: unknown projection '{unknown[0]}' (choose from {', '.join(EIGHT_BIT)})")
     if algorithm == "gptq" and not calibration:
         raise UserError("--algorithm gptq needs calibration records")
     out.mkdir(parents=True, exist_ok=True)
@@ -135,14 +148,14 @@ def quantize_onnx(src: str | Path, out: str | Path, block_size: int = 32, symmet
         with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
             warnings.simplefilter("ignore")
             model, done = onnx.load(str(src / name)), []
-            if head_bits == 8 and part == "decoder":
-                model, done = _head_to_8bit(model, block_size, symmetric, accuracy_level)
+            if eight_bit and part == "decoder":
+                model, done = _to_8bit(model, tuple(eight_bit), block_size, symmetric, accuracy_level)
             q = _quantizer(model, part, block_size, symmetric, accuracy_level, algorithm, calibration, done)
             q.process()
         onnx.save_model(q.model.model, str(out / name))
     copy_runner_files(src, out)
     meta["quantization"] = {"type": "int4", "block_size": block_size, "symmetric": symmetric, "embeddings": embeddings,
-                            "accuracy_level": accuracy_level, "algorithm": algorithm, "head_bits": head_bits}
+                            "accuracy_level": accuracy_level, "algorithm": algorithm, "eight_bit": list(eight_bit)}
     (out / ONNX_META).write_text(json.dumps(meta, indent=2))
     before, after = onnx_sizes(src), onnx_sizes(out)
     return {"bytes_before": before, "bytes_after": after, "size_ratio": after["total"] / before["total"],

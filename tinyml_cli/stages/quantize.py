@@ -12,7 +12,7 @@ METHODS = ("int4", "nf4", "fp4", "int8")
 
 def run_quantize(src: str | Path, out: str | Path, method: str, block_size: int, symmetric: bool,
                  data: str | None, cfg, accuracy_level: int = 4, overwrite: bool = False, before_work=None,
-                 algorithm: str = "kquant") -> dict:
+                 algorithm: str = "rtn", eight_bit: tuple[str, ...] | None = None) -> dict:
     """`tinyml quantize`: sizes before and after and, given held-out data, the accuracy of both. The arguments,
     the source and the held-out data are checked before `before_work()` and any quantization, and a folder
     holding files needs `overwrite`."""
@@ -31,6 +31,12 @@ def run_quantize(src: str | Path, out: str | Path, method: str, block_size: int,
     if method == "int4" and algorithm not in ("rtn", "kquant", "hqq"):
         raise UserError(f"--algorithm must be rtn, kquant or hqq, got '{algorithm}' (gptq needs calibration records: "
                         "benchmarks/int4_quality.py runs it)")
+    if method == "int4":
+        from ..edge.int4 import EIGHT_BIT, EIGHT_BIT_DEFAULT
+        eight_bit = EIGHT_BIT_DEFAULT if eight_bit is None else eight_bit
+        unknown = [p for p in eight_bit if p not in EIGHT_BIT]
+        if unknown:
+            raise UserError(f"--eight-bit: unknown projection '{unknown[0]}' (choose from {', '.join(EIGHT_BIT)}, or none)")
     if method != "int4":
         check_model_dir(src, "--method nf4 / fp4 / int8 quantizes a tinyml model folder: ")
     if data:
@@ -45,7 +51,7 @@ def run_quantize(src: str | Path, out: str | Path, method: str, block_size: int,
         if method == "int4":  # torch-free: the ONNX quantizer and runner
             from ..edge.int4 import quantize_onnx
             metrics |= quantize_onnx(src, out, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
-                                     algorithm=algorithm)
+                                     algorithm=algorithm, eight_bit=eight_bit)
             if (Path(src) / "config.yaml").is_file():  # the run's settings travel with the export
                 shutil.copy(Path(src) / "config.yaml", Path(out) / "config.yaml")
             if data:
