@@ -63,7 +63,7 @@ def main() -> None:
     for kind in args.connectors.split(","):
         base = [f"data.eval={files['eval']}", *SETS.get(kind, [])]
         # stage 1 trains the connector alone, so it compares connectors on the same frozen LLM and tower
-        # (tiny_align itself trains every part: the demo's share recipe)
+        # (tiny_align itself trains the connector and the LLM)
         align = load_config("tiny_align", base + [f"model.llm={tiny['llm']}", f"model.vision={tiny['vision']}",
                                                   f"model.connector={kind}", f"data.train={files['captions']}",
                                                   f"train.max_steps={args.align_steps}", "train.parts=[connector]"])

@@ -94,7 +94,7 @@ def main() -> None:
         tiny = build_tiny(out / "tiny")
         files = synth_shapes(out / "shapes", n=args.n_train, n_eval=100)
         # stage 1 on the connector alone (TinyLLaVA base), as the README's table was measured; tiny_align now
-        # trains every part (the demo's share recipe)
+        # trains the connector and the LLM
         align_cfg = load_config("tiny_align", [f"model.llm={tiny['llm']}", f"model.vision={tiny['vision']}",
                                                f"data.train={files['captions']}", f"data.eval={files['eval']}",
                                                "train.parts=[connector]"])

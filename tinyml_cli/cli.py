@@ -136,7 +136,7 @@ def pretrain_align(config: Config = None, set_: TrainSets = None, output_dir: Ru
     """Stage 1: train on image captions (the connector alone unless train.parts says more).
 
     The connector alone is LLaVA / TinyLLaVA's "base" recipe; connector, LLM and vision together are TinyLLaVA's
-    "share" recipe, which the tiny default's tiny_align uses.
+    "share" recipe; the tiny default's tiny_align trains the connector and the LLM.
 
     Example: tinyml pretrain-align -c tiny_align -o runs/align
     """
