@@ -56,45 +56,49 @@ def perplexity(runner, examples) -> float:
     return math.exp(nll / n)
 
 
-def measure(folder: Path, a, ref_tokens=None) -> dict:
+def held_out(model, a) -> tuple[list, list]:
+    """The held-out records encoded for `model` (a runner or a PyTorch model), as real_llm.py trains: prompts for
+    generation and whole conversations for perplexity."""
     from tinyml_cli.config import load_config
-    from tinyml_cli.edge.runner import OnnxLMM, onnx_sizes
     from tinyml_cli.records.conversations import eval_examples, load_examples
     from tinyml_cli.records.encoder import encoder_for
+    cfg = load_config(None, ["data.system_prompt=Answer briefly.", "data.max_length=256"])
+    enc = encoder_for(model, cfg.data)
+    return eval_examples(a.data, enc, cfg.data)[:a.prompts], load_examples(a.data, enc, "fail")[0][:a.prompts]
+
+
+def measure(folder: Path, a, ref_tokens=None) -> dict:
+    from tinyml_cli.edge.runner import OnnxLMM, onnx_sizes
     from tinyml_cli.records.scoring import score
     runner = OnnxLMM(folder, threads=a.threads)
-    cfg = load_config(None, ["data.system_prompt=Answer briefly.", "data.max_length=256"])  # as real_llm.py trains
-    enc = encoder_for(runner, cfg.data)
-    gen = eval_examples(a.data, enc, cfg.data)[:a.prompts]
-    full = load_examples(a.data, enc, "fail")[0][:a.prompts]
+    gen, full = held_out(runner, a)
     t = time.time()
     tokens = runner.generated_tokens(gen, a.new_tokens, batch_size=8)
     answers = [runner.tokenizer.decode(x, skip_special_tokens=True).strip() for x in tokens]
     row = {"bytes": onnx_sizes(folder)["total"], "vqa_accuracy": score(gen, answers)["vqa_accuracy"],
            "perplexity": perplexity(runner, full), "seconds": time.time() - t, "tokens": tokens}
     if ref_tokens is not None:
-        pairs = [(x, y) for u, v in zip(ref_tokens, tokens) for x, y in zip(u, v)]
-        row["greedy_match"] = sum(x == y for x, y in pairs) / max(len(pairs), 1)
-        row["prompts_equal"] = sum(u == v for u, v in zip(ref_tokens, tokens)) / len(tokens)
+        row |= agreement(ref_tokens, tokens)
     return row
+
+
+def agreement(ref_tokens, tokens) -> dict:
+    """Share of generated positions equal to the reference's, and of answers equal token for token."""
+    pairs = [(x, y) for u, v in zip(ref_tokens, tokens) for x, y in zip(u, v)]
+    return {"greedy_match": sum(x == y for x, y in pairs) / max(len(pairs), 1),
+            "prompts_equal": sum(u == v for u, v in zip(ref_tokens, tokens)) / len(tokens)}
 
 
 def measure_bnb(folder: Path, a, ref_tokens) -> dict:
     """A bitsandbytes copy (`tinyml quantize --method nf4|int8`) measured the same way, in PyTorch."""
     import torch
 
-    from tinyml_cli.config import load_config
     from tinyml_cli.core.generation import generated_tokens
     from tinyml_cli.core.model import load_model
-    from tinyml_cli.records.conversations import eval_examples, load_examples
-    from tinyml_cli.records.encoder import encoder_for
     from tinyml_cli.records.scoring import score
     torch.set_num_threads(a.threads)
     model = load_model(folder)
-    cfg = load_config(None, ["data.system_prompt=Answer briefly.", "data.max_length=256"])
-    enc = encoder_for(model, cfg.data)
-    gen = eval_examples(a.data, enc, cfg.data)[:a.prompts]
-    full = load_examples(a.data, enc, "fail")[0][:a.prompts]
+    gen, full = held_out(model, a)
     t = time.time()
     tokens = generated_tokens(model, gen, a.new_tokens, batch_size=8)
     answers = [model.tokenizer.decode(x, skip_special_tokens=True).strip() for x in tokens]
@@ -105,12 +109,9 @@ def measure_bnb(folder: Path, a, ref_tokens) -> dict:
             k = int((batch["labels"][:, 1:] != -100).sum())
             nll += float(model(**batch)) * k
             n += k
-    pairs = [(x, y) for u, v in zip(ref_tokens, tokens) for x, y in zip(u, v)]
-    return {"bytes": sum(f.stat().st_size for f in folder.rglob("*.safetensors")), "llm_only_bytes": True,
+    return {"bytes": sum(f.stat().st_size for f in folder.rglob("*.safetensors")), "bytes_of": "safetensors",
             "vqa_accuracy": score(gen, answers)["vqa_accuracy"], "perplexity": math.exp(nll / n),
-            "seconds": time.time() - t, "tokens": tokens,
-            "greedy_match": sum(x == y for x, y in pairs) / max(len(pairs), 1),
-            "prompts_equal": sum(u == v for u, v in zip(ref_tokens, tokens)) / len(tokens)}
+            "seconds": time.time() - t, "tokens": tokens, **agreement(ref_tokens, tokens)}
 
 
 def calibration(fp32: Path, a) -> list[dict]:

@@ -3,8 +3,8 @@
 Every MatMul with a constant weight becomes `MatMulNBits` (the LLM's projections and lm_head, the vision tower's
 and the connector's linears) at 4 bits, but for the decoder projections named in `eight_bit` (by default the
 attention values and the MLP's down projection) at 8 bits, and, by default, the token-embedding Gather becomes
-`GatherBlockQuantized` at 4 bits: in a small LLM the embedding and lm_head are a large share of the weights. Blocks of `block_size` input channels
-share one fp32 scale (and a 4-bit zero point unless symmetric). `accuracy_level` is MatMulNBits' compute type:
+`GatherBlockQuantized` at 4 bits: in a small LLM the embedding and lm_head are a large share of the weights.
+Blocks of `block_size` input channels share one fp32 scale (and a 4-bit zero point unless symmetric). `accuracy_level` is MatMulNBits' compute type:
 4 (the default, as onnxruntime-genai's CPU models) multiplies int8-quantized activations with the int4 weights,
 0 computes in fp32 on dequantized weights; 4 decodes ~1.4x faster on a CPU (benchmarks/decode.py).
 
@@ -94,6 +94,13 @@ EIGHT_BIT_DEFAULT: tuple[str, ...] = ("v_proj", "down_proj")
 EIGHT_BIT = ("lm_head", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def check_eight_bit(names) -> None:
+    unknown = [p for p in names if p not in EIGHT_BIT]
+    if unknown:
+        raise UserError(f"--eight-bit: unknown projection '{unknown[0]}' (choose from {', '.join(EIGHT_BIT)}, "
+                        "or none for 4 bits throughout)")
+
+
 def _to_8bit(model, names: tuple[str, ...], block_size: int, symmetric: bool, accuracy_level: int):
     """The decoder's MatMuls named in `names` (projection names as in EIGHT_BIT; `lm_head` is the MatMul with the
     most outputs) at 8 bits, as llama.cpp's K-quant mixes keep some tensors above 4 bits: returns the model and
@@ -134,9 +141,7 @@ def quantize_onnx(src: str | Path, out: str | Path, block_size: int = 32, symmet
         raise UserError(f"--accuracy-level must be 0 (fp32 compute) to 4 (int8 compute), got {accuracy_level}")
     if algorithm not in ALGORITHMS:
         raise UserError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, got '{algorithm}'")
-    unknown = [p for p in eight_bit if p not in EIGHT_BIT]
-    if unknown:
-        raise UserError(f"--eight-bit: unknown projection '{unknown[0]}' (choose from {', '.join(EIGHT_BIT)})")
+    check_eight_bit(eight_bit)
     if algorithm == "gptq" and not calibration:
         raise UserError("--algorithm gptq needs calibration records")
     out.mkdir(parents=True, exist_ok=True)

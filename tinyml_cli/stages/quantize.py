@@ -32,11 +32,9 @@ def run_quantize(src: str | Path, out: str | Path, method: str, block_size: int,
         raise UserError(f"--algorithm must be rtn, kquant or hqq, got '{algorithm}' (gptq needs calibration records: "
                         "benchmarks/int4_quality.py runs it)")
     if method == "int4":
-        from ..edge.int4 import EIGHT_BIT, EIGHT_BIT_DEFAULT
+        from ..edge.int4 import EIGHT_BIT_DEFAULT, check_eight_bit
         eight_bit = EIGHT_BIT_DEFAULT if eight_bit is None else eight_bit
-        unknown = [p for p in eight_bit if p not in EIGHT_BIT]
-        if unknown:
-            raise UserError(f"--eight-bit: unknown projection '{unknown[0]}' (choose from {', '.join(EIGHT_BIT)}, or none)")
+        check_eight_bit(eight_bit)
     if method != "int4":
         check_model_dir(src, "--method nf4 / fp4 / int8 quantizes a tinyml model folder: ")
     if data:
