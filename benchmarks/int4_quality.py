@@ -4,9 +4,11 @@
 
 (W: a `benchmarks/real_llm.py --work W` folder, SmolLM2-135M-Instruct + the tiny SigLIP tower, LoRA merged.)
 For the fp32 ONNX export and each `--variants` entry (ALGORITHM:BLOCK, algorithms of `edge.int4`: rtn, hqq,
-gptq; `nf4` / `int8`: bitsandbytes in PyTorch (the model folder's safetensors as bytes); options `:b8=lm_head+v_proj+down_proj` keeps those decoder projections at 8 bits, `:acc=0` computes in fp32 instead of MatMulNBits' int8
-activations (accuracy level 4), `:emb=0` keeps the embedding table fp32; all asymmetric, accuracy level 4, int4 embeddings as `tinyml quantize` makes them), on the held-out records,
-with tinyml's torch-free runner:
+gptq; `nf4` / `int8`: bitsandbytes in PyTorch (the model folder's safetensors as bytes); options
+`:b8=lm_head+v_proj+down_proj` keeps those decoder projections at 8 bits (none by default here), `:acc=0` computes
+in fp32 instead of MatMulNBits' int8 activations (accuracy level 4), `:emb=0` keeps the embedding table fp32; all
+asymmetric, accuracy level 4, int4 embeddings as `tinyml quantize` makes them), on the held-out records, with
+tinyml's torch-free runner:
 - vqa_accuracy: exact-match answers (greedy, `--new-tokens`), as `tinyml eval`;
 - greedy_match: share of generated token positions equal to fp32's (decode.py's measure), and prompts_equal:
   share of answers equal to fp32's token for token;
@@ -149,29 +151,24 @@ def main() -> None:
     ref = rows["fp32"]["tokens"]
     calib = None
     for v in a.variants.split(","):
-        if v in ("nf4", "int8"):  # bitsandbytes, in PyTorch
-            folder = work / v
-            if not (folder / "tinyml_model.json").is_file():
-                from tinyml_cli.core.quantize import quantize_bnb
-                t = time.time()
-                quantize_bnb(a.model, folder, v)
-                (folder / "quantize_seconds").write_text(str(time.time() - t))
-            rows[v] = measure_bnb(folder, a, ref) | {"quantize_seconds": float((folder / "quantize_seconds").read_text())}
-            if not a.json:
-                print(v, {k: x for k, x in rows[v].items() if k != "tokens"}, flush=True)
-            continue
-        algo, block, *opts = v.split(":")  # ALGORITHM:BLOCK[:b8=lm_head+v_proj][:acc=0][:emb=0]
-        opts = dict(o.split("=") for o in opts)
-        folder = work / v.replace(":", "-").replace("=", "")
-        if not (folder / META).is_file():
-            if algo == "gptq" and calib is None:
-                calib = calibration(fp32, a)
+        bnb = v in ("nf4", "int8")  # bitsandbytes, measured in PyTorch
+        folder = work / (v if bnb else v.replace(":", "-").replace("=", ""))
+        if not (folder / ("tinyml_model.json" if bnb else META)).is_file():
             t = time.time()
-            quantize_onnx(fp32, folder, int(block), algorithm=algo, calibration=list(calib or []),
-                          eight_bit=tuple(x for x in opts.get("b8", "").split("+") if x), accuracy_level=int(opts.get("acc", 4)),
-                          embeddings=opts.get("emb", "1") == "1")
+            if bnb:
+                from tinyml_cli.core.quantize import quantize_bnb
+                quantize_bnb(a.model, folder, v)
+            else:
+                algo, block, *opts = v.split(":")  # ALGORITHM:BLOCK[:b8=lm_head+v_proj][:acc=0][:emb=0]
+                opts = dict(o.split("=") for o in opts)
+                if algo == "gptq" and calib is None:
+                    calib = calibration(fp32, a)
+                quantize_onnx(fp32, folder, int(block), algorithm=algo, calibration=list(calib or []),
+                              eight_bit=tuple(x for x in opts.get("b8", "").split("+") if x),
+                              accuracy_level=int(opts.get("acc", 4)), embeddings=opts.get("emb", "1") == "1")
             (folder / "quantize_seconds").write_text(str(time.time() - t))
-        rows[v] = measure(folder, a, ref) | {"quantize_seconds": float((folder / "quantize_seconds").read_text())}
+        rows[v] = (measure_bnb if bnb else measure)(folder, a, ref) | {
+            "quantize_seconds": float((folder / "quantize_seconds").read_text())}
         if not a.json:
             print(v, {k: x for k, x in rows[v].items() if k != "tokens"}, flush=True)
     base = rows["fp32"]

@@ -4,9 +4,10 @@ Every MatMul with a constant weight becomes `MatMulNBits` (the LLM's projections
 and the connector's linears) at 4 bits, but for the decoder projections named in `eight_bit` (by default the
 attention values and the MLP's down projection) at 8 bits, and, by default, the token-embedding Gather becomes
 `GatherBlockQuantized` at 4 bits: in a small LLM the embedding and lm_head are a large share of the weights.
-Blocks of `block_size` input channels share one fp32 scale (and a 4-bit zero point unless symmetric). `accuracy_level` is MatMulNBits' compute type:
-4 (the default, as onnxruntime-genai's CPU models) multiplies int8-quantized activations with the int4 weights,
-0 computes in fp32 on dequantized weights; 4 decodes ~1.4x faster on a CPU (benchmarks/decode.py).
+Blocks of `block_size` input channels share one fp32 scale (and a 4-bit zero point unless symmetric).
+`accuracy_level` is MatMulNBits' compute type: 4 (the default, as onnxruntime-genai's CPU models) multiplies
+int8-quantized activations with the int4 weights, 0 computes in fp32 on dequantized weights; 4 decodes ~1.4x
+faster on a CPU (benchmarks/decode.py).
 
 `algorithm` picks how the 4-bit values are chosen (benchmarks/int4_quality.py compares them on real weights:
 with the default 8-bit projections rtn kept the most of SmolLM2-135M):
