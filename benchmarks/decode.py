@@ -8,21 +8,22 @@ not the Python around them, are most of a decode step). Sides, each in a fresh p
 - eager: tinyml's PyTorch model in fp32, `LMM.generate` (transformers' generate, KV cache), as `tinyml generate`;
 - fp32_onnx: `tinyml export --format onnx`, run by tinyml's torch-free runner (onnxruntime, KV cache);
 - int4_onnx: that export after `tinyml quantize --method int4` (MatMulNBits, the default settings);
+- int4_onnx_text: the same int4 runner on the text peers' prompts (below), the side the peers are compared with;
 - ortgenai_int4: the same int4 folder run by onnxruntime-genai through the genai_config.json the export writes;
 - llamacpp_q4_0 / llamacpp_q8_0: `tinyml export --format gguf --gguf-type q4_0 / q8_0` run by llama.cpp
   (llama-cpp-python: `eval` of the prompt, then one token at a time, argmax of the last logits).
-tinyml's three sides answer the image questions (the shapes records' first turns, encoded by tinyml's eval path);
-onnxruntime-genai and llama.cpp get the same prompts as text, without the image tokens (onnxruntime-genai runs only
-the text path of the export; llama.cpp's image path is a separate library), so their prompts are shorter by the
-image's tokens and their prefill has no image to encode. Each answers exactly `--new-tokens` greedy tokens (the end
+eager, fp32_onnx and int4_onnx answer the image questions (the shapes records' first turns, encoded by tinyml's eval
+path); onnxruntime-genai and llama.cpp get the same prompts as text, without the image tokens (onnxruntime-genai
+runs only the text path of the export; llama.cpp's image path is a separate library), and so does int4_onnx_text,
+so that tinyml's int4 is timed against them at equal context lengths. Each answers exactly `--new-tokens` greedy tokens (the end
 token masked, as llama-bench measures; `--stop-at-eos` ends answers at it instead), one prompt at a time, after
 one warm-up answer.
 prefill tokens/s = prompt tokens / time to the first new token (image encoding included on tinyml's sides);
 decode tokens/s = the other new tokens / the time after the first; tokens_per_s = all new tokens / all the time.
 All sides run with `--threads` intra-op threads (1 by default: the machine is shared). Sides rotate order over the
-repeats; the median is kept. `ratios`: decode tokens/s of tinyml's int4 over each peer's (int4_vs_llamacpp_q4_0,
-int4_vs_ortgenai, ...), and greedy agreements: each ONNX side's tokens against eager's on the image prompts, each
-text peer's against eager's on the same text prompts. `--model DIR --data FILE` measure another tinyml model
+repeats; the median is kept. `ratios`: decode tokens/s of tinyml's int4 on the text prompts over each peer's
+(int4_vs_llamacpp_q4_0, int4_vs_ortgenai, ...), and greedy agreements: each image side's tokens against eager's on
+the image prompts, each text side's against eager's on the same text prompts. `--model DIR --data FILE` measure another tinyml model
 folder on other prompts.
 """
 
@@ -35,8 +36,8 @@ from pathlib import Path
 
 import common
 
-SIDES = ("eager", "fp32_onnx", "int4_onnx", "ortgenai_int4", "llamacpp_q4_0", "llamacpp_q8_0")
-TEXT_SIDES = SIDES[3:]  # the peers that get the prompts as text
+SIDES = ("eager", "fp32_onnx", "int4_onnx", "int4_onnx_text", "ortgenai_int4", "llamacpp_q4_0", "llamacpp_q8_0")
+TEXT_SIDES = SIDES[3:]  # the sides that get the prompts as text, without the image tokens
 
 
 def exports(model_dir: str, work: Path) -> dict:
@@ -54,7 +55,7 @@ def exports(model_dir: str, work: Path) -> dict:
     if not (int4 / META).is_file():
         quantize_onnx(fp32, int4)
     sizes = {"fp32_onnx": onnx_sizes(fp32)["total"], "int4_onnx": onnx_sizes(int4)["total"]}
-    sizes["ortgenai_int4"] = sizes["int4_onnx"]
+    sizes["ortgenai_int4"] = sizes["int4_onnx_text"] = sizes["int4_onnx"]
     from tinyml_cli.core.gguf_export import export_gguf
     for kind in ("q4_0", "q8_0"):
         folder = work / f"gguf-{kind}"
@@ -97,7 +98,7 @@ def side_generate(a):
         return generate, model
     from tinyml_cli.edge.runner import OnnxLMM
     int4 = Path(a.work) / "onnx-int4"
-    if a.side in ("fp32_onnx", "int4_onnx"):
+    if a.side in ("fp32_onnx", "int4_onnx", "int4_onnx_text"):
         runner = OnnxLMM(Path(a.work) / "onnx-fp32" if a.side == "fp32_onnx" else int4, threads=a.threads)
         if not a.stop_at_eos:
             pick, eos = runner._pick, runner.tokenizer.eos_token_id
@@ -107,9 +108,12 @@ def side_generate(a):
                 return pick(logits, *rest)
             runner._pick = pick_but_eos
 
+        text = a.side == "int4_onnx_text"
+
         def generate(example):
             t, new, first = time.perf_counter(), [], None
-            for nxt, _ in runner.steps([example.input_ids], [example.images], a.new_tokens):
+            prompt = text_prompt(example, runner.image_token_id) if text else example.input_ids
+            for nxt, _ in runner.steps([prompt], [[] if text else example.images], a.new_tokens):
                 first = first or time.perf_counter()
                 new.append(int(nxt[0]))
             return new, first - t, time.perf_counter() - t
@@ -275,14 +279,17 @@ def main() -> None:
               "int4_vs_fp32_onnx": res["int4_onnx"]["tokens_per_s"] / res["fp32_onnx"]["tokens_per_s"],
               "fp32_onnx_greedy_match": match(eager_out, runs["fp32_onnx"][0]["outputs"]),
               "int4_greedy_match": match(eager_out, runs["int4_onnx"][0]["outputs"])}
+    ratios["int4_text_greedy_match"] = match(eager_text, runs["int4_onnx_text"][0]["outputs"])
     for s, name in (("llamacpp_q4_0", "llamacpp_q4_0"), ("llamacpp_q8_0", "llamacpp_q8_0"), ("ortgenai_int4", "ortgenai")):
-        ratios[f"int4_vs_{name}"] = decode["int4_onnx"] / decode[s] if s in decode else None
+        # against the peers, tinyml's int4 on the same text prompts: equal context lengths at every decode step
+        ratios[f"int4_vs_{name}"] = decode["int4_onnx_text"] / decode[s] if s in decode else None
         ratios[f"{name}_greedy_match"] = match(eager_text, runs[s][0]["outputs"]) if s in runs else None
     out = {"benchmark": "decode", "device": "cpu", "model": {k: v for k, v in info.items() if k != "train"} or model,
            "setting": {"batch_size": 1, "prompts": a.prompts, "new_tokens": a.new_tokens, "threads": a.threads,
                        "stop_at_eos": a.stop_at_eos,
                        "repeats": a.repeats, "prompt_tokens": runs["eager"][0]["prompt_tokens"],
-                       "int4_vs_*": "decode tokens/s of int4_onnx over the peer's",
+                       "int4_vs_eager/fp32_onnx": "tokens/s of int4_onnx over the side's (image prompts)",
+                       "int4_vs_<peer>": "decode tokens/s of int4_onnx_text over the peer's (the same text prompts)",
                        "text_sides": "prompts without the image tokens; greedy match against eager on those"},
            "sides": res, "ratios": ratios}
     print(json.dumps(out, indent=None if a.json else 2))

@@ -33,14 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def decoder_feed(runner, ids: list[int], images: list) -> dict:
     """The decoder's inputs for one whole sequence from an empty cache."""
-    import numpy as np
-    m = runner.meta
-    x = np.array([ids], np.int64)
-    emb = runner.embed(x, runner.pixel_values(images) if images else None)
-    past = {f"past_key_values.{i}.{kv}": np.zeros((1, m["kv_heads"], 0, m["head_dim"]), runner.float)
-            for i in range(m["num_layers"]) for kv in ("key", "value")}
-    return {"inputs_embeds": emb, "attention_mask": np.ones_like(x), "position_ids": np.arange(x.shape[1])[None],
-            **past}
+    return runner.prefill_feed(ids, images)
 
 
 def perplexity(runner, examples) -> float:

@@ -531,8 +531,9 @@ def export(model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="A tr
            dtype: str = typer.Option("fp32", "--dtype", help="ONNX weights and activations: fp32 | fp16."),
            gguf_type: str = typer.Option("f16", "--gguf-type", help="GGUF LLM weights: f32 | f16 | q8_0 | q4_0 (the mmproj: f32 at f32, else f16)."),
            overwrite: Overwrite = False, json_mode: Json = False):
-    """Export a trained model: ONNX graphs (vision+connector, embeddings, KV-cache decoder), GGUF for llama.cpp
-    (model.gguf + mmproj.gguf) or a LLaVA checkpoint.
+    """Export a trained model: ONNX graphs (vision+connector, embeddings, KV-cache decoder: written by
+    onnxruntime-genai's model builder, fused, where it takes the LLM), GGUF for llama.cpp (model.gguf + mmproj.gguf)
+    or a LLaVA checkpoint.
 
     A folder that already holds files is refused without --overwrite.
 

@@ -25,7 +25,14 @@ def test_decode_benchmark_reports_ratios_of_equal_models(tiny_model, shapes, tmp
     assert r["fp32_onnx_greedy_match"] == 1.0
     assert out["sides"]["eager"]["tokens"] == out["sides"]["fp32_onnx"]["tokens"] > 0
     assert out["sides"]["int4_onnx"]["bytes"] < out["sides"]["fp32_onnx"]["bytes"] / 3
-    for side in ("eager", "fp32_onnx", "int4_onnx"):  # prefill and decode measured apart
+    # the side the peers are compared with: tinyml's int4 on their text prompts (the image tokens left out)
+    text = out["sides"]["int4_onnx_text"]
+    assert text["prompt_tokens"] == out["sides"]["int4_onnx"]["prompt_tokens"] - tiny_model.num_image_tokens
+    assert 0 <= r["int4_text_greedy_match"] <= 1
+    for peer in ("ortgenai_int4", "llamacpp_q4_0"):
+        if "skipped" not in out["sides"][peer]:
+            assert out["sides"][peer]["prompt_tokens"] == text["prompt_tokens"]
+    for side in ("eager", "fp32_onnx", "int4_onnx", "int4_onnx_text"):  # prefill and decode measured apart
         assert out["sides"][side]["prefill_tokens_per_s"] > 0 and out["sides"][side]["decode_tokens_per_s"] >= 0
     # the peers: measured where their runtime is installed, else named as skipped; the ratio keys always there
     assert {"int4_vs_llamacpp_q4_0", "int4_vs_llamacpp_q8_0", "int4_vs_ortgenai"} <= set(r)

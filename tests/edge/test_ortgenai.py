@@ -29,7 +29,7 @@ def int4_export(exported, tmp_path_factory):
 
 @pytest.mark.parametrize("which", ["fp32", "int4"])
 def test_ortgenai_greedy_tokens_equal_the_runner(exported, int4_export, which):
-    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install -e '.[genai]')")
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (a dependency: pip install -e .)")
     from tinyml_cli.edge.runner import OnnxLMM
     folder = exported if which == "fp32" else int4_export
     assert (folder / "genai_config.json").is_file()

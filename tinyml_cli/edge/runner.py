@@ -172,10 +172,22 @@ class OnnxLMM:
             emb[is_img] = img.reshape(-1, img.shape[-1]).astype(emb.dtype)
         return emb
 
+    def prefill_feed(self, ids: list[int], images: list) -> dict:
+        """The decoder's inputs for one whole sequence from an empty cache (either cache layout)."""
+        m, x = self.meta, np.array([ids], np.int64)
+        past = {f"past_key_values.{i}.{kv}": np.zeros((1, m["kv_heads"], 0, m["head_dim"]), self.float)
+                for i in range(m["num_layers"]) for kv in ("key", "value")}
+        feed = {"inputs_embeds": self.embed(x, self.pixel_values(images) if images else None).astype(self.float),
+                "attention_mask": np.ones_like(x), **past}
+        return feed if self.meta.get("kv_cache") == "shared" else {**feed, "position_ids": np.arange(x.shape[1])[None]}
+
     def steps(self, prompts: list[list[int]], images: list[list], max_new_tokens: int = 16,
               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
         """Decode step by step: yields each step's next token of every prompt (an array) and which prompts had
         already finished before it (their token is to be ignored)."""
+        if self.meta.get("kv_cache") == "shared":
+            yield from self._steps_shared(prompts, images, max_new_tokens, temperature, top_p, seed)
+            return
         m, b = self.meta, len(prompts)
         n = max(len(p) for p in prompts)
         pad, eos = self.tokenizer.pad_token_id or 0, self.tokenizer.eos_token_id
@@ -204,6 +216,47 @@ class OnnxLMM:
             past = dict(zip(past, present))
             mask = np.concatenate([mask, np.ones((b, 1), np.int64)], 1)
             pos = pos[:, -1:] + 1
+            emb = self.embed(np.where(done, pad, nxt)[:, None])
+
+    def _steps_shared(self, prompts, images, max_new_tokens, temperature, top_p, seed):
+        """`steps` on the model builder's decoder: prompts right-padded, one KV buffer per layer of room for the
+        longest prompt and every new token, bound as both past and present so that each step writes its token's
+        keys and values in place (at the row's own length: the attention mask's row sum)."""
+        import onnxruntime as ort
+        m, b = self.meta, len(prompts)
+        lens = np.array([len(p) for p in prompts])
+        n = int(lens.max())
+        pad, eos = self.tokenizer.pad_token_id or 0, self.tokenizer.eos_token_id
+        ids = np.full((b, n), pad, np.int64)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = p
+        mask = (np.arange(n)[None] < lens[:, None]).astype(np.int64)
+        paths = [p for imgs in images for p in imgs]
+        emb = self.embed(ids, self.pixel_values(paths) if paths else None)
+        cache = {f"{i}.{kv}": ort.OrtValue.ortvalue_from_numpy(
+            np.zeros((b, m["kv_heads"], n + max_new_tokens, m["head_dim"]), self.float))
+            for i in range(m["num_layers"]) for kv in ("key", "value")}
+        rng = np.random.default_rng(seed)
+        done = np.zeros(b, bool)
+        decoder, last = self.sessions["decoder"], lens - 1  # at the prompt, each row's last real position
+        for t in range(max_new_tokens):
+            io = decoder.io_binding()
+            io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(emb, self.float))
+            io.bind_cpu_input("attention_mask", mask)
+            io.bind_output("logits")
+            for name, buf in cache.items():
+                io.bind_ortvalue_input(f"past_key_values.{name}", buf)
+                io.bind_ortvalue_output(f"present.{name}", buf)
+            decoder.run_with_iobinding(io)
+            step = io.get_outputs()[0].numpy()[np.arange(b), last].astype(np.float32)
+            step[:, self.image_token_id] = -np.inf  # input only, as in the PyTorch path
+            nxt = self._pick(step, temperature, top_p, rng)
+            yield nxt, done.copy()
+            done |= nxt == eos
+            if done.all():
+                break
+            last = np.zeros(b, np.int64)
+            mask = (np.arange(n + t + 1)[None] < (lens + t + 1)[:, None]).astype(np.int64)
             emb = self.embed(np.where(done, pad, nxt)[:, None])
 
     def generate(self, prompts: list[list[int]], images: list[list], max_new_tokens: int = 16,

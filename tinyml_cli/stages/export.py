@@ -4,6 +4,7 @@ or to a transformers LLaVA checkpoint."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -39,7 +40,9 @@ def run_export(model_dir: str | Path, out: str | Path, fmt: str = "onnx", dtype:
     with removed_if_left_empty(out):
         if fmt == "onnx":
             sizes = export_onnx(model_dir, out, dtype)
-            metrics = {"bytes": sizes, "dtype": dtype}
+            meta = json.loads((Path(out) / "tinyml_onnx.json").read_text())
+            # shared: the decoder written by onnxruntime-genai's builder (fused); concat: traced by torch.onnx
+            metrics = {"bytes": sizes, "dtype": dtype, "kv_cache": meta["kv_cache"]}
             artifacts = {k: str(Path(out) / f"{k}.onnx") for k in sizes if k != "total"}
             if (Path(model_dir) / "config.yaml").is_file():  # eval / chat / serve of the export take the run's settings
                 shutil.copy(Path(model_dir) / "config.yaml", Path(out) / "config.yaml")
