@@ -239,14 +239,15 @@ class OnnxLMM:
         rng = np.random.default_rng(seed)
         done = np.zeros(b, bool)
         decoder, last = self.sessions["decoder"], lens - 1  # at the prompt, each row's last real position
+        io = decoder.io_binding()
+        io.bind_output("logits")  # first, so that it is get_outputs()[0]
+        for name, buf in cache.items():  # bound once: every step reads and writes the same buffers
+            io.bind_ortvalue_input(f"past_key_values.{name}", buf)
+            io.bind_ortvalue_output(f"present.{name}", buf)
         for t in range(max_new_tokens):
-            io = decoder.io_binding()
             io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(emb, self.float))
             io.bind_cpu_input("attention_mask", mask)
-            io.bind_output("logits")
-            for name, buf in cache.items():
-                io.bind_ortvalue_input(f"past_key_values.{name}", buf)
-                io.bind_ortvalue_output(f"present.{name}", buf)
+            io.bind_output("logits")  # unallocated again: the run allocates it at this step's shape
             decoder.run_with_iobinding(io)
             step = io.get_outputs()[0].numpy()[np.arange(b), last].astype(np.float32)
             step[:, self.image_token_id] = -np.inf  # input only, as in the PyTorch path
