@@ -127,3 +127,18 @@ def test_int4_of_the_fused_graph_keeps_the_eight_bit_projections(fused, fused_in
     ids = fp32.tokenizer("a red circle at the top left")["input_ids"]
     a, b = (r.sessions["decoder"].run(["logits"], r.prefill_feed(ids, []))[0] for r in (fp32, int4))
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95  # the int4 graph computes the same function, roughly
+
+
+def test_a_builder_failure_falls_back_to_the_traced_decoder(fused_run, fused, monkeypatch, tmp_path):
+    import subprocess
+
+    from tinyml_cli.core.export import export_onnx
+    from tinyml_cli.edge.runner import OnnxLMM
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 1, "", "Traceback ...\nNotImplementedError: this rope scaling is not supported"))
+    export_onnx(fused_run, tmp_path / "traced")
+    meta = json.loads((tmp_path / "traced" / "tinyml_onnx.json").read_text())
+    assert meta["kv_cache"] == "concat"
+    assert meta["builder_failed"] == "NotImplementedError: this rope scaling is not supported"
+    ids = OnnxLMM(fused).tokenizer("a red circle at the top left")["input_ids"]
+    assert OnnxLMM(tmp_path / "traced").generate([ids], [[]], 6) == OnnxLMM(fused).generate([ids], [[]], 6)

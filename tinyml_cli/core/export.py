@@ -4,7 +4,7 @@ ONNX (`--format onnx`) writes three graphs in the layout of onnxruntime-genai's 
 `vision.onnx` (pixel_values -> image_embeds: vision tower and connector in one graph) and `embed.onnx`
 (input_ids -> inputs_embeds) by torch.onnx's TorchScript exporter, and `decoder.onnx` (inputs_embeds,
 attention_mask and `past_key_values.{i}.key/value` -> logits and `present.{i}.key/value`, batch and sequence
-dynamic). Where onnxruntime-genai's model builder takes the LLM (`fused_decoder`), it writes the decoder, as the
+dynamic). Where onnxruntime-genai's model builder takes the LLM (`fusable`), it writes the decoder, as the
 graph onnxruntime-genai runs itself: GroupQueryAttention over a KV buffer written in place (`kv_cache: shared`),
 1.5x faster per token than the trace on the benchmark model. Otherwise torch.onnx traces it (`kv_cache: concat`:
 the cache grows by concatenation, position_ids an input). Beside them: the tokenizer, the image processor's
@@ -162,7 +162,8 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32") -> 
                  {"input_ids": {0: "batch", 1: "seq"}, "inputs_embeds": {0: "batch", 1: "seq"}})
 
     layers, (heads, head_dim) = llm.config.num_hidden_layers, _kv_shape(llm)
-    kv_cache = "shared" if dtype == "fp32" and fused_decoder(llm, model.tokenizer, out) else "concat"
+    builder_failed = fused_decoder(llm, model.tokenizer, out) if dtype == "fp32" and fusable(llm) else None
+    kv_cache = "shared" if builder_failed == "" else "concat"
     if kv_cache == "concat":
         _traced_decoder(llm, model.spec["llm_dim"], tdtype, out)
 
@@ -175,6 +176,8 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32") -> 
             "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "num_layers": layers,
             "kv_heads": heads, "head_dim": head_dim, "hidden_size": model.spec["llm_dim"], "kv_cache": kv_cache,
             "source": str(model_dir)}
+    if builder_failed:  # traced instead; said in the export's summary
+        meta["builder_failed"] = builder_failed
     (out / ONNX_META).write_text(json.dumps(meta, indent=2))
     (out / "genai_config.json").write_text(json.dumps(genai_config(meta, llm.config, tok), indent=2))
     return onnx_sizes(out)
@@ -185,21 +188,22 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32") -> 
 FUSED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
-def fused_decoder(llm, tok, out: Path) -> bool:
+def fusable(llm) -> bool:
+    """Whether onnxruntime-genai's model builder takes the LLM: an architecture of FUSED_ARCHITECTURES with heads
+    at least as wide as GroupQueryAttention takes (a multiple of 16: the tiny default's are 8)."""
+    arch = (llm.config.architectures or [type(llm).__name__])[0]
+    return arch in FUSED_ARCHITECTURES and _kv_shape(llm)[1] % 16 == 0
+
+
+def fused_decoder(llm, tok, out: Path) -> str:
     """decoder.onnx (+ decoder.onnx.data) by onnxruntime-genai's model builder, as the graphs it runs itself:
     GroupQueryAttention with rotary embedding inside, the KV cache one buffer per layer written in place, fused
     norms, 54 nodes on the benchmark model where torch.onnx's trace has 339; inputs_embeds in (no embedding:
     embed.onnx feeds it, image tokens included), the q/k/v projections kept apart so that `quantize --eight-bit`
-    can name them. False where the builder is not installed or does not take the architecture, or where the
-    heads are narrower than onnxruntime's GroupQueryAttention takes (a multiple of 16: the tiny default's are 8)."""
-    import importlib.util
+    can name them. Returns "" when written, else the builder's last line of error (the caller traces instead)."""
     import subprocess
     import sys
     import tempfile
-    arch = (llm.config.architectures or [type(llm).__name__])[0]
-    if (arch not in FUSED_ARCHITECTURES or _kv_shape(llm)[1] % 16
-            or importlib.util.find_spec("onnxruntime_genai") is None):
-        return False
     with tempfile.TemporaryDirectory() as tmp:
         src, built = Path(tmp) / "llm", Path(tmp) / "built"
         llm.save_pretrained(src)
@@ -208,11 +212,11 @@ def fused_decoder(llm, tok, out: Path) -> bool:
                "-e", "cpu", "-c", str(Path(tmp) / "cache"), "--extra_options", "exclude_embeds=true",
                "disable_qkv_fusion=true", "filename=decoder.onnx"]
         run = subprocess.run(cmd, capture_output=True, text=True)
-        if run.returncode != 0:
-            raise RuntimeError(f"onnxruntime-genai's model builder failed: {run.stderr.strip().splitlines()[-1:]}")
+        if run.returncode != 0 or not (built / "decoder.onnx").is_file():
+            return (run.stderr.strip().splitlines() or ["no decoder.onnx written"])[-1][:300]
         for f in ("decoder.onnx", "decoder.onnx.data"):
             (built / f).replace(out / f)
-    return True
+    return ""
 
 
 def _traced_decoder(llm, llm_dim: int, tdtype, out: Path) -> None:

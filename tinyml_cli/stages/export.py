@@ -43,6 +43,8 @@ def run_export(model_dir: str | Path, out: str | Path, fmt: str = "onnx", dtype:
             meta = json.loads((Path(out) / "tinyml_onnx.json").read_text())
             # shared: the decoder written by onnxruntime-genai's builder (fused); concat: traced by torch.onnx
             metrics = {"bytes": sizes, "dtype": dtype, "kv_cache": meta["kv_cache"]}
+            if meta.get("builder_failed"):
+                metrics["builder_failed"] = meta["builder_failed"]
             artifacts = {k: str(Path(out) / f"{k}.onnx") for k in sizes if k != "total"}
             if (Path(model_dir) / "config.yaml").is_file():  # eval / chat / serve of the export take the run's settings
                 shutil.copy(Path(model_dir) / "config.yaml", Path(out) / "config.yaml")
