@@ -185,59 +185,64 @@ class OnnxLMM:
               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
         """Decode step by step: yields each step's next token of every prompt (an array) and which prompts had
         already finished before it (their token is to be ignored)."""
-        if self.meta.get("kv_cache") == "shared":
-            yield from self._steps_shared(prompts, images, max_new_tokens, temperature, top_p, seed)
-            return
-        m, b = self.meta, len(prompts)
-        n = max(len(p) for p in prompts)
         pad, eos = self.tokenizer.pad_token_id or 0, self.tokenizer.eos_token_id
-        ids = np.full((b, n), pad, np.int64)
-        mask = np.zeros((b, n), np.int64)
-        for i, p in enumerate(prompts):  # left padding, as the PyTorch path generates
-            ids[i, n - len(p):], mask[i, n - len(p):] = p, 1
         paths = [p for imgs in images for p in imgs]
-        emb = self.embed(ids, self.pixel_values(paths) if paths else None)
-        pos = np.where(mask == 1, np.cumsum(mask, -1) - 1, 1)  # transformers' position ids for left padding
-        past = {f"past_key_values.{i}.{kv}": np.zeros((b, m["kv_heads"], 0, m["head_dim"]), self.float)
-                for i in range(m["num_layers"]) for kv in ("key", "value")}
+        pixels = self.pixel_values(paths) if paths else None
+        cached = self._shared_cache if self.meta.get("kv_cache") == "shared" else self._grown_cache
+        logits = cached(prompts, pixels, pad, max_new_tokens)
         rng = np.random.default_rng(seed)
-        done = np.zeros(b, bool)
-        decoder = self.sessions["decoder"]
-        for _ in range(max_new_tokens):
-            logits, *present = decoder.run(None, {"inputs_embeds": emb.astype(self.float), "attention_mask": mask,
-                                                  "position_ids": pos, **past})
-            step = logits[:, -1].astype(np.float32)
+        done = np.zeros(len(prompts), bool)
+        step = next(logits)
+        for t in range(max_new_tokens):
+            step = step.astype(np.float32)
             step[:, self.image_token_id] = -np.inf  # input only, as in the PyTorch path
             nxt = self._pick(step, temperature, top_p, rng)
             yield nxt, done.copy()
             done |= nxt == eos
-            if done.all():
+            if done.all() or t + 1 == max_new_tokens:
                 break
+            step = logits.send(np.where(done, pad, nxt))
+
+    def _grown_cache(self, prompts, pixels, pad: int, max_new_tokens: int):
+        """The traced decoder's steps: yields each step's last-position logits and is sent the next tokens.
+        Prompts left-padded with transformers' position ids, as the PyTorch path generates; each step's cache
+        comes back grown by one position and goes in again."""
+        m, b = self.meta, len(prompts)
+        n = max(len(p) for p in prompts)
+        ids = np.full((b, n), pad, np.int64)
+        mask = np.zeros((b, n), np.int64)
+        for i, p in enumerate(prompts):
+            ids[i, n - len(p):], mask[i, n - len(p):] = p, 1
+        emb = self.embed(ids, pixels)
+        pos = np.where(mask == 1, np.cumsum(mask, -1) - 1, 1)
+        past = {f"past_key_values.{i}.{kv}": np.zeros((b, m["kv_heads"], 0, m["head_dim"]), self.float)
+                for i in range(m["num_layers"]) for kv in ("key", "value")}
+        decoder = self.sessions["decoder"]
+        while True:
+            logits, *present = decoder.run(None, {"inputs_embeds": emb.astype(self.float), "attention_mask": mask,
+                                                  "position_ids": pos, **past})
+            nxt = yield logits[:, -1]
             past = dict(zip(past, present))
             mask = np.concatenate([mask, np.ones((b, 1), np.int64)], 1)
             pos = pos[:, -1:] + 1
-            emb = self.embed(np.where(done, pad, nxt)[:, None])
+            emb = self.embed(nxt[:, None])
 
-    def _steps_shared(self, prompts, images, max_new_tokens, temperature, top_p, seed):
-        """`steps` on the model builder's decoder: prompts right-padded, one KV buffer per layer of room for the
-        longest prompt and every new token, bound as both past and present so that each step writes its token's
-        keys and values in place (at the row's own length: the attention mask's row sum)."""
+    def _shared_cache(self, prompts, pixels, pad: int, max_new_tokens: int):
+        """The model builder's decoder's steps, as `_grown_cache`: prompts right-padded, one KV buffer per layer
+        with room for the longest prompt and every new token, bound as both past and present so that each step
+        writes its token's keys and values in place (at the row's own length: the attention mask's row sum)."""
         import onnxruntime as ort
         m, b = self.meta, len(prompts)
         lens = np.array([len(p) for p in prompts])
         n = int(lens.max())
-        pad, eos = self.tokenizer.pad_token_id or 0, self.tokenizer.eos_token_id
         ids = np.full((b, n), pad, np.int64)
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = p
         mask = (np.arange(n)[None] < lens[:, None]).astype(np.int64)
-        paths = [p for imgs in images for p in imgs]
-        emb = self.embed(ids, self.pixel_values(paths) if paths else None)
+        emb = self.embed(ids, pixels)
         cache = {f"{i}.{kv}": ort.OrtValue.ortvalue_from_numpy(
             np.zeros((b, m["kv_heads"], n + max_new_tokens, m["head_dim"]), self.float))
             for i in range(m["num_layers"]) for kv in ("key", "value")}
-        rng = np.random.default_rng(seed)
-        done = np.zeros(b, bool)
         decoder, last = self.sessions["decoder"], lens - 1  # at the prompt, each row's last real position
         io = decoder.io_binding()
         io.bind_output("logits")  # first, so that it is get_outputs()[0]
@@ -249,16 +254,10 @@ class OnnxLMM:
             io.bind_cpu_input("attention_mask", mask)
             io.bind_output("logits")  # unallocated again: the run allocates it at this step's shape
             decoder.run_with_iobinding(io)
-            step = io.get_outputs()[0].numpy()[np.arange(b), last].astype(np.float32)
-            step[:, self.image_token_id] = -np.inf  # input only, as in the PyTorch path
-            nxt = self._pick(step, temperature, top_p, rng)
-            yield nxt, done.copy()
-            done |= nxt == eos
-            if done.all():
-                break
+            nxt = yield io.get_outputs()[0].numpy()[np.arange(b), last]
             last = np.zeros(b, np.int64)
             mask = (np.arange(n + t + 1)[None] < (lens + t + 1)[:, None]).astype(np.int64)
-            emb = self.embed(np.where(done, pad, nxt)[:, None])
+            emb = self.embed(nxt[:, None])
 
     def generate(self, prompts: list[list[int]], images: list[list], max_new_tokens: int = 16,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
