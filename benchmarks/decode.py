@@ -15,16 +15,16 @@ not the Python around them, are most of a decode step). Sides, each in a fresh p
 eager, fp32_onnx and int4_onnx answer the image questions (the shapes records' first turns, encoded by tinyml's eval
 path); onnxruntime-genai and llama.cpp get the same prompts as text, without the image tokens (onnxruntime-genai
 runs only the text path of the export; llama.cpp's image path is a separate library), and so does int4_onnx_text,
-so that tinyml's int4 is timed against them at equal context lengths. Each answers exactly `--new-tokens` greedy tokens (the end
-token masked, as llama-bench measures; `--stop-at-eos` ends answers at it instead), one prompt at a time, after
-one warm-up answer.
+so that tinyml's int4 is timed against them at equal context lengths. Each answers exactly `--new-tokens` greedy
+tokens (the end token masked, as llama-bench measures; `--stop-at-eos` ends answers at it instead), one prompt at a
+time, after one warm-up answer.
 prefill tokens/s = prompt tokens / time to the first new token (image encoding included on tinyml's sides);
 decode tokens/s = the other new tokens / the time after the first; tokens_per_s = all new tokens / all the time.
 All sides run with `--threads` intra-op threads (1 by default: the machine is shared). Sides rotate order over the
 repeats; the median is kept. `ratios`: decode tokens/s of tinyml's int4 on the text prompts over each peer's
 (int4_vs_llamacpp_q4_0, int4_vs_ortgenai, ...), and greedy agreements: each image side's tokens against eager's on
-the image prompts, each text side's against eager's on the same text prompts. `--model DIR --data FILE` measure another tinyml model
-folder on other prompts.
+the image prompts, each text side's against eager's on the same text prompts. `--model DIR --data FILE` measure
+another tinyml model folder on other prompts.
 """
 
 from __future__ import annotations

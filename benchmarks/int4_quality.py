@@ -31,16 +31,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def decoder_feed(runner, ids: list[int], images: list) -> dict:
-    """The decoder's inputs for one whole sequence from an empty cache."""
-    return runner.prefill_feed(ids, images)
-
-
 def perplexity(runner, examples) -> float:
     import numpy as np
     nll, n = 0.0, 0
     for e in examples:
-        logits = runner.sessions["decoder"].run(["logits"], decoder_feed(runner, e.input_ids, e.images))[0][0]
+        logits = runner.sessions["decoder"].run(["logits"], runner.prefill_feed(e.input_ids, e.images))[0][0]
         labels = np.array(e.labels[1:])
         keep = labels != -100
         z = logits[:-1][keep].astype(np.float64)
@@ -117,7 +112,7 @@ def calibration(fp32: Path, a) -> list[dict]:
     runner = OnnxLMM(fp32, threads=a.threads)
     cfg = load_config(None, ["data.system_prompt=Answer briefly.", "data.max_length=256"])
     examples = load_examples(a.calib, encoder_for(runner, cfg.data), "fail")[0][:a.calib_records]
-    return [decoder_feed(runner, e.input_ids, e.images) for e in examples]
+    return [runner.prefill_feed(e.input_ids, e.images) for e in examples]
 
 
 def main() -> None:

@@ -9,17 +9,12 @@ def _ops(path) -> set:
 
 
 def test_kquant_hqq_and_gptq_quantize_the_decoder_and_the_runner_decodes_them(exported, tmp_path):
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    from int4_quality import decoder_feed
-
     from tinyml_cli.edge.int4 import quantize_onnx
     from tinyml_cli.edge.runner import OnnxLMM
     fp32 = OnnxLMM(exported)
     prompt = fp32.tokenizer(fp32.tokenizer.apply_chat_template([{"role": "user", "content": "What color?"}],
                                                                add_generation_prompt=True))["input_ids"]
-    calib = [decoder_feed(fp32, prompt + [i], []) for i in range(20, 24)]
+    calib = [fp32.prefill_feed(prompt + [i], []) for i in range(20, 24)]
     ref = fp32.generate([prompt], [[]], 4)[0]
     for algo in ("kquant", "hqq", "gptq"):
         r = quantize_onnx(exported, tmp_path / algo, 32, algorithm=algo, calibration=list(calib))
@@ -60,13 +55,9 @@ def test_eight_bit_projections_are_8bit_matmulnbits_and_closer_to_fp32(exported,
     assert mixed["size_ratio"] > plain["size_ratio"]
     assert not [n for n in onnx.load(str(tmp_path / "q4" / "decoder.onnx")).graph.node
                 for a in n.attribute if a.name == "bits" and a.i != 4]
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    from int4_quality import decoder_feed
     fp32 = OnnxLMM(exported)
     ids = fp32.tokenizer("a red circle at the top left")["input_ids"]
-    logits = {k: r.sessions["decoder"].run(["logits"], decoder_feed(r, ids, []))[0]
+    logits = {k: r.sessions["decoder"].run(["logits"], r.prefill_feed(ids, []))[0]
               for k, r in {"fp32": fp32, "q4": OnnxLMM(tmp_path / "q4"), "mix": OnnxLMM(tmp_path / "mix")}.items()}
     err = {k: float(np.abs(logits[k] - logits["fp32"]).mean()) for k in ("q4", "mix")}
     assert err["mix"] < err["q4"], err

@@ -172,14 +172,22 @@ class OnnxLMM:
             emb[is_img] = img.reshape(-1, img.shape[-1]).astype(emb.dtype)
         return emb
 
+    @property
+    def shared_cache(self) -> bool:
+        """The model builder's decoder (KV buffers written in place, no position_ids), not torch.onnx's trace."""
+        return self.meta.get("kv_cache") == "shared"
+
+    def _empty_past(self, batch: int) -> dict:
+        m = self.meta
+        return {f"past_key_values.{i}.{kv}": np.zeros((batch, m["kv_heads"], 0, m["head_dim"]), self.float)
+                for i in range(m["num_layers"]) for kv in ("key", "value")}
+
     def prefill_feed(self, ids: list[int], images: list) -> dict:
         """The decoder's inputs for one whole sequence from an empty cache (either cache layout)."""
-        m, x = self.meta, np.array([ids], np.int64)
-        past = {f"past_key_values.{i}.{kv}": np.zeros((1, m["kv_heads"], 0, m["head_dim"]), self.float)
-                for i in range(m["num_layers"]) for kv in ("key", "value")}
+        x = np.array([ids], np.int64)
         feed = {"inputs_embeds": self.embed(x, self.pixel_values(images) if images else None).astype(self.float),
-                "attention_mask": np.ones_like(x), **past}
-        return feed if self.meta.get("kv_cache") == "shared" else {**feed, "position_ids": np.arange(x.shape[1])[None]}
+                "attention_mask": np.ones_like(x), **self._empty_past(1)}
+        return feed if self.shared_cache else {**feed, "position_ids": np.arange(x.shape[1])[None]}
 
     def steps(self, prompts: list[list[int]], images: list[list], max_new_tokens: int = 16,
               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
@@ -188,7 +196,7 @@ class OnnxLMM:
         pad, eos = self.tokenizer.pad_token_id or 0, self.tokenizer.eos_token_id
         paths = [p for imgs in images for p in imgs]
         pixels = self.pixel_values(paths) if paths else None
-        cached = self._shared_cache if self.meta.get("kv_cache") == "shared" else self._grown_cache
+        cached = self._shared_cache if self.shared_cache else self._grown_cache
         logits = cached(prompts, pixels, pad, max_new_tokens)
         rng = np.random.default_rng(seed)
         done = np.zeros(len(prompts), bool)
@@ -207,7 +215,7 @@ class OnnxLMM:
         """The traced decoder's steps: yields each step's last-position logits and is sent the next tokens.
         Prompts left-padded with transformers' position ids, as the PyTorch path generates; each step's cache
         comes back grown by one position and goes in again."""
-        m, b = self.meta, len(prompts)
+        b = len(prompts)
         n = max(len(p) for p in prompts)
         ids = np.full((b, n), pad, np.int64)
         mask = np.zeros((b, n), np.int64)
@@ -215,8 +223,7 @@ class OnnxLMM:
             ids[i, n - len(p):], mask[i, n - len(p):] = p, 1
         emb = self.embed(ids, pixels)
         pos = np.where(mask == 1, np.cumsum(mask, -1) - 1, 1)
-        past = {f"past_key_values.{i}.{kv}": np.zeros((b, m["kv_heads"], 0, m["head_dim"]), self.float)
-                for i in range(m["num_layers"]) for kv in ("key", "value")}
+        past = self._empty_past(b)
         decoder = self.sessions["decoder"]
         while True:
             logits, *present = decoder.run(None, {"inputs_embeds": emb.astype(self.float), "attention_mask": mask,
