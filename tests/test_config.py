@@ -52,6 +52,18 @@ def test_wrong_types_are_errors():
         load_config(None, ["train.max_steps"])
 
 
+def test_choices_that_yaml_reads_as_booleans_keep_their_spelling(tmp_path):
+    # YAML 1.1 reads no / off / on as booleans; a choice with that spelling is what the user meant
+    assert load_config(None, ["train.mixed_precision=no", "train.dropout=off"]).train.mixed_precision == "no"
+    assert load_config(None, ["train.dropout=on"]).train.dropout == "on"
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  mixed_precision: no\n  dropout: off\n")
+    cfg = load_config(p)
+    assert (cfg.train.mixed_precision, cfg.train.dropout) == ("no", "off")
+    with pytest.raises(UserError, match="model.connector must be one of"):
+        load_config(None, ["model.connector=yes"])
+
+
 def test_contract_keys_exist():
     keys = all_keys()
     for k in ["model.llm", "model.vision", "model.connector", "data.train", "data.eval", "train.max_steps",

@@ -274,8 +274,9 @@ def _coerce(key: str, value, kind):
     """Check a value against the key's declared type; ints are accepted for floats, choices against their values."""
     origin = typing.get_origin(kind)
     if origin is Literal:
-        if isinstance(value, bool) and {"on", "off"} <= set(typing.get_args(kind)):
-            value = "on" if value else "off"  # YAML 1.1 reads on / off as booleans
+        if isinstance(value, bool):  # YAML 1.1 reads on / off and yes / no as booleans: take the choice it was
+            spelled = [w for w in (("on", "yes", "true") if value else ("off", "no", "false")) if w in typing.get_args(kind)]
+            value = spelled[0] if spelled else value
         if not isinstance(value, str):
             raise UserError(f"{key} must be one of {', '.join(typing.get_args(kind))}, got {value!r}")
         return _choice(key, value, typing.get_args(kind))
