@@ -75,7 +75,8 @@ def build_vision(out: Path, steps: int, n_scenes: int, seed: int = 1234) -> Path
 
 
 def run(work: Path, gguf: Path, align_steps: int, sft_steps: int, images: int, n_eval: int, vision_steps: int,
-        batch: int, edge: bool = True) -> dict:
+        batch: int, edge: bool = True, vision: str = "", align_batch: int = 0, align_lr: float = 2e-3,
+        sets: tuple = ()) -> dict:
     from tinyml_cli.config import load_config
     from tinyml_cli.demo.pipeline import edge_demo_metrics
     from tinyml_cli.demo.synth import synth_shapes
@@ -89,13 +90,12 @@ def run(work: Path, gguf: Path, align_steps: int, sft_steps: int, images: int, n
     data = work / "shapes"
     if not (data / "train.jsonl").is_file():
         synth_shapes(data, n=images, n_eval=n_eval, seed=0)
-    vision = build_vision(work / "vision", vision_steps, max(images, 500))
+    vision = Path(vision) if vision else build_vision(work / "vision", vision_steps, max(images, 500))
     # SmolLM2's template adds a 20-token default system message to every record; a short one keeps records short
-    common = ["data.system_prompt=Answer briefly.", f"train.batch_size={batch}", "train.log_every=1",
-              "gen.max_new_tokens=6", "data.max_length=256"]
+    common = ["data.system_prompt=Answer briefly.", "train.log_every=1", "gen.max_new_tokens=6", "data.max_length=256"]
     align_cfg = load_config(None, [f"model.llm={gguf}", f"model.vision={vision}", "train.parts=[connector]",
                                    f"data.train={data / 'captions.jsonl'}", f"train.max_steps={align_steps}",
-                                   "train.lr=2e-3", *common])
+                                   f"train.lr={align_lr}", f"train.batch_size={align_batch or batch}", *common, *sets])
     done = work / "align" / "align.json"  # a --work folder keeps a finished stage 1: a rerun starts at sft
     if done.is_file() and json.loads(done.read_text())["metrics"]["steps"] == align_steps:
         align = json.loads(done.read_text())
@@ -104,7 +104,8 @@ def run(work: Path, gguf: Path, align_steps: int, sft_steps: int, images: int, n
         done.write_text(json.dumps(align))
     sft_cfg = load_config(None, [f"model.init_from={work / 'align'}", f"data.train={data / 'train.jsonl'}",
                                  "peft.method=lora", "train.parts=[connector]", f"train.max_steps={sft_steps}",
-                                 "train.lr=1e-3", f"data.eval={data / 'eval.jsonl'}", *common])
+                                 "train.lr=1e-3", f"data.eval={data / 'eval.jsonl'}", f"train.batch_size={batch}",
+                                 *common, *sets])
     sft = run_sft(sft_cfg, work / "sft", "sft")
     ev = run_eval(str(work / "sft"), sft_cfg, None)["metrics"]
     figures = {"llm": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)", "params": sft["total_params"],
@@ -138,15 +139,21 @@ def main() -> None:
     ap.add_argument("--work", default="", help="working folder (default: a temporary one)")
     ap.add_argument("--align-steps", type=int, default=16)
     ap.add_argument("--sft-steps", type=int, default=16)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=4, help="sft records per step")
+    ap.add_argument("--align-batch-size", type=int, default=0, help="stage-1 records per step (0: --batch-size)")
+    ap.add_argument("--align-lr", type=float, default=2e-3, help="stage-1 learning rate (connector only)")
     ap.add_argument("--images", type=int, default=400, help="shapes images for training")
     ap.add_argument("--eval", type=int, default=20, help="held-out images (5 questions each)")
     ap.add_argument("--vision-steps", type=int, default=60, help="contrastive steps of the tiny SigLIP tower")
+    ap.add_argument("--vision", default="", help="a SigLIP tower folder to use instead (e.g. a demo run's sft/vision)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="config overrides for both stages (repeatable), e.g. peft.r=16 or train.mixed_precision=bf16")
     args = ap.parse_args()
     gguf = find_gguf(args.gguf)
     with tempfile.TemporaryDirectory() as tmp:
         m = run(Path(args.work or tmp), gguf, args.align_steps, args.sft_steps, args.images, args.eval,
-                args.vision_steps, args.batch_size)
+                args.vision_steps, args.batch_size, vision=args.vision, align_batch=args.align_batch_size,
+                align_lr=args.align_lr, sets=tuple(args.sets))
     out = {"benchmark": "real_llm", "metrics": m}
     print(json.dumps(out) if args.json else json.dumps(out, indent=2))
 

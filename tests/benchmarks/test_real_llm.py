@@ -25,7 +25,11 @@ def _gguf():
 def test_real_llm_smoke(tmp_path):
     pytest.importorskip("gguf")
     m = real_llm.run(tmp_path, _gguf(), align_steps=2, sft_steps=2, images=16, n_eval=1, vision_steps=2, batch=2,
-                     edge=False)
+                     edge=False, align_batch=3, align_lr=1e-3, sets=("peft.r=4", "data.packing=true"))
+    from tinyml_cli.config import load_config
+    align, sft = (load_config(tmp_path / stage / "config.yaml") for stage in ("align", "sft"))
+    assert (align.train.batch_size, align.train.lr, sft.train.batch_size) == (3, 1e-3, 2)
+    assert sft.peft.r == 4 and align.data.packing and sft.data.packing
     assert m["params"] > 134_000_000  # SmolLM2-135M's 134.5M weights, the tower and the connector
     for k in ("align_loss_first", "align_loss_last", "sft_loss_first", "sft_loss_last"):
         assert 0 < m[k] < 20
