@@ -554,7 +554,7 @@ def quantize(source: Path = typer.Argument(..., metavar="SOURCE", help="An ONNX 
              symmetric: bool = typer.Option(False, "--symmetric", help="int4: symmetric blocks (no zero points)."),
              accuracy_level: int = typer.Option(4, "--accuracy-level", help="int4: MatMulNBits compute, 4 int8 activations (faster on CPU) | 0 fp32."),
              algorithm: str = typer.Option("rtn", "--algorithm", help="int4: rtn (round to nearest; with the 8-bit projections it kept the most on real weights) | kquant | hqq."),
-             eight_bit: Optional[str] = typer.Option(None, "--eight-bit", metavar="PROJ,...", help="int4: decoder projections kept at 8 bits, from lm_head, q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; none for 4 bits throughout. Default: v_proj,down_proj."),
+             eight_bit: Optional[str] = typer.Option(None, "--eight-bit", metavar="PROJ,...", help="int4: decoder projections kept at 8 bits, from lm_head, q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; none for 4 bits throughout. Default: lm_head,q_proj,k_proj,v_proj,down_proj."),
              data: Optional[str] = typer.Option(None, "--data", "-d", metavar="FILE", help="Held-out data: evaluate before and after."),
              config: Config = None, set_: GenSets = None, overwrite: Overwrite = False, json_mode: Json = False):
     """Quantize a model and report file sizes and, with --data, the eval change against the unquantized model.

@@ -121,8 +121,8 @@ def test_int4_of_the_fused_graph_keeps_the_eight_bit_projections(fused, fused_in
     from tinyml_cli.edge.runner import OnnxLMM
     bits = {n.name: a.i for n in onnx.load(str(fused_int4 / "decoder.onnx")).graph.node
             if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
-    assert {b for n, b in bits.items() if "/v_proj/" in n or "/down_proj/" in n} == {8}
-    assert {b for n, b in bits.items() if "/q_proj/" in n or "/up_proj/" in n} == {4}
+    assert {b for n, b in bits.items() if any(f"/{p}/" in n for p in ("q_proj", "k_proj", "v_proj", "down_proj"))} == {8}
+    assert {b for n, b in bits.items() if any(f"/{p}/" in n for p in ("o_proj", "gate_proj", "up_proj"))} == {4}
     fp32, int4 = OnnxLMM(fused), OnnxLMM(fused_int4)
     ids = fp32.tokenizer("a red circle at the top left")["input_ids"]
     a, b = (r.sessions["decoder"].run(["logits"], r.prefill_feed(ids, []))[0] for r in (fp32, int4))

@@ -127,7 +127,7 @@ def test_cli_export_quantize_eval_generate(trained, shapes, tmp_path):
     m = one_json(r.stdout)["metrics"]
     assert m["size_ratio"] <= 0.35 and "vqa_accuracy_change" in m
     assert json.loads((tmp_path / "q4" / "tinyml_onnx.json").read_text())["quantization"]["eight_bit"] == [
-        "v_proj", "down_proj"]
+        "lm_head", "q_proj", "k_proj", "v_proj", "down_proj"]
     r = tinyml("quantize", tmp_path / "onnx", tmp_path / "q4-all", "--eight-bit", "none", "--algorithm", "rtn", "--json")
     assert r.returncode == 0 and one_json(r.stdout)["metrics"]["size_ratio"] < m["size_ratio"]
     r = tinyml("quantize", tmp_path / "onnx", tmp_path / "q4-bad", "--eight-bit", "v_proj,mlp")

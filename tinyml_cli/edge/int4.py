@@ -1,8 +1,8 @@
 """int4 weight-only ONNX: onnxruntime's MatMulNBits quantizer over a `tinyml export` folder.
 
 Every MatMul with a constant weight becomes `MatMulNBits` (the LLM's projections and lm_head, the vision tower's
-and the connector's linears) at 4 bits, but for the decoder projections named in `eight_bit` (by default the
-attention values and the MLP's down projection) at 8 bits, and, by default, the token-embedding Gather becomes
+and the connector's linears) at 4 bits, but for the decoder projections named in `eight_bit` (by default lm_head,
+the attention's q / k / v and the MLP's down projection) at 8 bits, and, by default, the token-embedding Gather becomes
 `GatherBlockQuantized` at 4 bits: in a small LLM the embedding and lm_head are a large share of the weights.
 Blocks of `block_size` input channels share one fp32 scale (and a 4-bit zero point unless symmetric).
 `accuracy_level` is MatMulNBits' compute type: 4 (the default, as onnxruntime-genai's CPU models) multiplies
@@ -88,10 +88,11 @@ def _quantizer(model, part: str, block_size: int, symmetric: bool, accuracy_leve
                                 nodes_to_exclude=list(exclude))
 
 
-# The decoder projections kept at 8 bits by default: the attention values and the MLP's down projection, the
-# tensors llama.cpp's Q4_K_M keeps above 4 bits too. On SmolLM2-135M they held the answer perplexity to fp32's
-# (+18 % with every projection at 4 bits) for 15 % more bytes, with rtn (kquant: +4 %; benchmarks/int4_quality.py).
-EIGHT_BIT_DEFAULT: tuple[str, ...] = ("v_proj", "down_proj")
+# The decoder projections kept at 8 bits by default: lm_head (llama.cpp's 4-bit types keep the output tensor at 6
+# bits), the attention's q / k / v and the MLP's down projection. Measured on SmolLM2-135M + the tiny tower trained
+# to 0.956 held-out VQA (benchmarks/int4_quality.py, README): the smallest setting measured within 1 point of fp32
+# (-0.9 points, +0.7 % answer perplexity, 0.22 of fp32's bytes); v_proj + down_proj alone lost 2.0 points.
+EIGHT_BIT_DEFAULT: tuple[str, ...] = ("lm_head", "q_proj", "k_proj", "v_proj", "down_proj")
 EIGHT_BIT = ("lm_head", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
