@@ -40,8 +40,9 @@ SIDES = ("eager", "fp32_onnx", "int4_onnx", "int4_onnx_text", "ortgenai_int4", "
 TEXT_SIDES = SIDES[3:]  # the sides that get the prompts as text, without the image tokens
 
 
-def exports(model_dir: str, work: Path) -> dict:
-    """The fp32 ONNX export of a tinyml model folder and its int4 copy, under `work`, made once per model."""
+def exports(model_dir: str, work: Path, eight_bit: tuple[str, ...]) -> dict:
+    """The fp32 ONNX export of a tinyml model folder and its int4 copy (`eight_bit`: the projections kept at 8
+    bits), under `work`, made once per model and setting."""
     import shutil
 
     from tinyml_cli.core.export import export_onnx
@@ -52,8 +53,9 @@ def exports(model_dir: str, work: Path) -> dict:
         shutil.rmtree(fp32, ignore_errors=True)
         shutil.rmtree(int4, ignore_errors=True)
         export_onnx(model_dir, fp32)
-    if not (int4 / META).is_file():
-        quantize_onnx(fp32, int4)
+    if not (int4 / META).is_file() or json.loads((int4 / META).read_text())["quantization"]["eight_bit"] != list(eight_bit):
+        shutil.rmtree(int4, ignore_errors=True)
+        quantize_onnx(fp32, int4, eight_bit=eight_bit)
     sizes = {"fp32_onnx": onnx_sizes(fp32)["total"], "int4_onnx": onnx_sizes(int4)["total"]}
     sizes["ortgenai_int4"] = sizes["int4_onnx_text"] = sizes["int4_onnx"]
     from tinyml_cli.core.gguf_export import export_gguf
@@ -241,6 +243,8 @@ def main() -> None:
     p.add_argument("--stop-at-eos", action="store_true",
                    help="end answers at the end token (default: every side generates --new-tokens tokens, the end "
                         "token masked, as llama-bench does: a real model's one-word answers leave no decode to time)")
+    p.add_argument("--eight-bit", metavar="PROJ,...", help="the int4 sides' projections kept at 8 bits, as `tinyml "
+                   "quantize --eight-bit` (default: its default; none: 4 bits throughout)")
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.side:
@@ -249,7 +253,11 @@ def main() -> None:
     work = Path(a.work)
     info = common.build(work) if not (a.model and a.data) else {}
     model, data = str(Path(a.model or info["tinyml"]).resolve()), a.data or info["train"]
-    sizes = exports(model, work)
+    from tinyml_cli.edge.int4 import EIGHT_BIT_DEFAULT, check_eight_bit
+    eight_bit = EIGHT_BIT_DEFAULT if a.eight_bit is None else tuple(
+        x.strip() for x in a.eight_bit.split(",") if x.strip() and x.strip() != "none")
+    check_eight_bit(eight_bit)
+    sizes = exports(model, work, eight_bit)
     say = common.reporter(a)
     shared = ["--work", a.work, "--model", model, "--data", data, "--prompts", str(a.prompts),
               "--new-tokens", str(a.new_tokens), "--threads", str(a.threads)] + (["--stop-at-eos"] if a.stop_at_eos else [])
@@ -286,7 +294,7 @@ def main() -> None:
         ratios[f"{name}_greedy_match"] = match(eager_text, runs[s][0]["outputs"]) if s in runs else None
     out = {"benchmark": "decode", "device": "cpu", "model": {k: v for k, v in info.items() if k != "train"} or model,
            "setting": {"batch_size": 1, "prompts": a.prompts, "new_tokens": a.new_tokens, "threads": a.threads,
-                       "stop_at_eos": a.stop_at_eos,
+                       "stop_at_eos": a.stop_at_eos, "int4_eight_bit": list(eight_bit),
                        "repeats": a.repeats, "prompt_tokens": runs["eager"][0]["prompt_tokens"],
                        "int4_vs_eager/fp32_onnx": "tokens/s of int4_onnx over the side's (image prompts)",
                        "int4_vs_<peer>": "decode tokens/s of int4_onnx_text over the peer's (the same text prompts)",

@@ -38,3 +38,10 @@ def test_decode_benchmark_reports_ratios_of_equal_models(tiny_model, shapes, tmp
     assert {"int4_vs_llamacpp_q4_0", "int4_vs_llamacpp_q8_0", "int4_vs_ortgenai"} <= set(r)
     for side, ratio in (("ortgenai_int4", "int4_vs_ortgenai"), ("llamacpp_q4_0", "int4_vs_llamacpp_q4_0")):
         assert ("skipped" in out["sides"][side]) == (r[ratio] is None)
+    # the int4 sides follow --eight-bit: the cached int4 copy is made again when the setting differs
+    assert out["setting"]["int4_eight_bit"] == ["lm_head", "q_proj", "k_proj", "v_proj", "down_proj"]
+    sys.path.insert(0, str(SCRIPT.parent))
+    import decode
+    sizes = decode.exports(str((tmp_path / "model").resolve()), tmp_path / "work", ())
+    meta = json.loads((tmp_path / "work" / "onnx-int4" / "tinyml_onnx.json").read_text())
+    assert meta["quantization"]["eight_bit"] == [] and sizes["int4_onnx"] < out["sides"]["int4_onnx"]["bytes"]
