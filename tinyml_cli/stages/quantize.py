@@ -10,6 +10,14 @@ from pathlib import Path
 METHODS = ("int4", "nf4", "fp4", "int8")
 
 
+def parse_eight_bit(text: str | None) -> tuple[str, ...] | None:
+    """`--eight-bit PROJ,...` as projection names: None (not given) stays None, the default; '' or none is 4 bits
+    throughout."""
+    if text is None:
+        return None
+    return () if text.strip() in ("", "none") else tuple(p.strip() for p in text.split(","))
+
+
 def run_quantize(src: str | Path, out: str | Path, method: str, block_size: int, symmetric: bool,
                  data: str | None, cfg, accuracy_level: int = 4, overwrite: bool = False, before_work=None,
                  algorithm: str = "rtn", eight_bit: tuple[str, ...] | None = None) -> dict:
