@@ -253,11 +253,8 @@ def main() -> None:
     work = Path(a.work)
     info = common.build(work) if not (a.model and a.data) else {}
     model, data = str(Path(a.model or info["tinyml"]).resolve()), a.data or info["train"]
-    from tinyml_cli.edge.int4 import EIGHT_BIT_DEFAULT, check_eight_bit
     from tinyml_cli.stages.quantize import parse_eight_bit
     eight_bit = parse_eight_bit(a.eight_bit)
-    eight_bit = EIGHT_BIT_DEFAULT if eight_bit is None else eight_bit
-    check_eight_bit(eight_bit)
     sizes = exports(model, work, eight_bit)
     say = common.reporter(a)
     shared = ["--work", a.work, "--model", model, "--data", data, "--prompts", str(a.prompts),

@@ -564,12 +564,12 @@ def quantize(source: Path = typer.Argument(..., metavar="SOURCE", help="An ONNX 
     Example: tinyml quantize runs/onnx runs/onnx-int4 --block-size 32 --data runs/shapes/eval.jsonl
     """
     from . import ui
-    from .stages.quantize import parse_eight_bit, run_quantize
+    from .stages.quantize import run_quantize
     out = _output(output_arg, output_dir)
     cfg = _config(config, set_)
     before = ui.quiet_libraries if method != "int4" else None  # the int4 path stays torch-free
     ui.emit(run_quantize(source, out, method, block_size, symmetric, data, cfg, accuracy_level, overwrite, before,
-                         algorithm, parse_eight_bit(eight_bit)),
+                         algorithm, eight_bit),
             json_mode)
 
 

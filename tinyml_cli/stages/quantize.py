@@ -10,20 +10,22 @@ from pathlib import Path
 METHODS = ("int4", "nf4", "fp4", "int8")
 
 
-def parse_eight_bit(text: str | None) -> tuple[str, ...] | None:
-    """`--eight-bit PROJ,...` as projection names: None (not given) stays None, the default; '' or none is 4 bits
+def parse_eight_bit(text: str | None) -> tuple[str, ...]:
+    """`--eight-bit PROJ,...` as checked projection names: None (not given) is the default; '' or none is 4 bits
     throughout."""
-    if text is None:
-        return None
-    return () if text.strip() in ("", "none") else tuple(p.strip() for p in text.split(","))
+    from ..edge.int4 import EIGHT_BIT_DEFAULT, check_eight_bit
+    names = EIGHT_BIT_DEFAULT if text is None else () if text.strip() in ("", "none") else tuple(
+        p.strip() for p in text.split(","))
+    check_eight_bit(names)
+    return names
 
 
 def run_quantize(src: str | Path, out: str | Path, method: str, block_size: int, symmetric: bool,
                  data: str | None, cfg, accuracy_level: int = 4, overwrite: bool = False, before_work=None,
-                 algorithm: str = "rtn", eight_bit: tuple[str, ...] | None = None) -> dict:
+                 algorithm: str = "rtn", eight_bit: str | None = None) -> dict:
     """`tinyml quantize`: sizes before and after and, given held-out data, the accuracy of both. The arguments,
     the source and the held-out data are checked before `before_work()` and any quantization, and a folder
-    holding files needs `overwrite`."""
+    holding files needs `overwrite`. `eight_bit`: the `--eight-bit` text (parse_eight_bit)."""
     import time
 
     from .. import UserError
@@ -40,9 +42,7 @@ def run_quantize(src: str | Path, out: str | Path, method: str, block_size: int,
         raise UserError(f"--algorithm must be rtn, kquant or hqq, got '{algorithm}' (gptq needs calibration records: "
                         "benchmarks/int4_quality.py runs it)")
     if method == "int4":
-        from ..edge.int4 import EIGHT_BIT_DEFAULT, check_eight_bit
-        eight_bit = EIGHT_BIT_DEFAULT if eight_bit is None else eight_bit
-        check_eight_bit(eight_bit)
+        eight_bit = parse_eight_bit(eight_bit)
     if method != "int4":
         check_model_dir(src, "--method nf4 / fp4 / int8 quantizes a tinyml model folder: ")
     if data:
